@@ -1,0 +1,189 @@
+"""Checkpoint format: a directory of JSON + safetensors. Never pickle.
+
+    config.json        format tag, PALConfig, EncoderSpec, training data/metrics, version (content hash),
+                       population prior (mean seen-user weights)
+    model.safetensors  shared head parameters (names of models.pal; weights stored (in, out))
+    users.safetensors  {"logits": (n_users, K)}  seen users' simplex logits
+    users.json         seen user ids, row order of the logits
+
+Reading needs numpy + safetensors only, so the serving side can load checkpoints without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from models.config import EncoderSpec, PALConfig
+from models.head import HeadParams, softmax
+
+if TYPE_CHECKING:
+    from models.pal import PALModel
+
+FORMAT = "pal-rm-checkpoint/1"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+USERS_FILE = "users.safetensors"
+USER_IDS_FILE = "users.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed or inconsistent: raised at load, with what is wrong."""
+
+
+class CheckpointMeta(BaseModel):
+    format: str = FORMAT
+    version: str = ""
+    pal: PALConfig
+    encoder: EncoderSpec
+    prior_weights: list[float] = Field(default_factory=list)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Checkpoint(BaseModel, arbitrary_types_allowed=True):
+    meta: CheckpointMeta
+    head: dict[str, np.ndarray]
+    user_ids: list[str]
+    user_logits: np.ndarray
+
+    @property
+    def head_params(self) -> HeadParams:
+        return HeadParams(self.meta.pal, {k: v.astype(np.float64) for k, v in self.head.items()})
+
+    def user_weights(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.user_ids, softmax(self.user_logits.astype(np.float64)), strict=True))
+
+
+def expected_head_shapes(cfg: PALConfig) -> dict[str, tuple[int, ...]]:
+    dims_f = [cfg.item_dim] + [cfg.hidden_dim] * cfg.n_hidden + [cfg.latent_dim]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (a, b) in enumerate(zip(dims_f[:-1], dims_f[1:], strict=True)):
+        shapes[f"f.w{i}"], shapes[f"f.b{i}"] = (a, b), (b,)
+    if cfg.form == "B":
+        dims_g = [cfg.prompt_dim] + [cfg.hidden_dim] * cfg.n_hidden + [cfg.latent_dim]
+        for i, (a, b) in enumerate(zip(dims_g[:-1], dims_g[1:], strict=True)):
+            shapes[f"g.w{i}"], shapes[f"g.b{i}"] = (cfg.k, a, b), (cfg.k, b)
+        shapes["log_tau"], shapes["tau"] = (), (1,)
+    else:
+        shapes["prototypes"] = (cfg.k, cfg.item_dim)
+    return shapes
+
+
+def content_version(directory: Path) -> str:
+    """Hash of everything that changes scores: the architecture, the parameters and the seen users."""
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    h = hashlib.sha256()
+    h.update(json.dumps({"pal": meta["pal"], "encoder": meta["encoder"]}, sort_keys=True).encode())
+    for name in (MODEL_FILE, USERS_FILE, USER_IDS_FILE):
+        h.update((directory / name).read_bytes())
+    return "pal-" + h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: PALModel,
+    user_ids: list[str],
+    encoder: EncoderSpec,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> CheckpointMeta:
+    from models.pal import head_state  # torch only when saving from a torch model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    head = {k: v.numpy().astype(np.float32) for k, v in head_state(model.head).items()}
+    logits = model.user_logits.detach().cpu().numpy().astype(np.float32)
+    if len(user_ids) != logits.shape[0]:
+        raise ValueError(f"{len(user_ids)} user ids for {logits.shape[0]} rows of user logits")
+    save_file(head, str(directory / MODEL_FILE))
+    save_file({"logits": logits}, str(directory / USERS_FILE))
+    (directory / USER_IDS_FILE).write_text(json.dumps(list(user_ids)))
+    prior = (
+        softmax(logits.astype(np.float64)).mean(0)
+        if len(user_ids)
+        else np.full(model.head.cfg.k, 1 / model.head.cfg.k)
+    )
+    meta = CheckpointMeta(
+        pal=model.head.cfg,
+        encoder=encoder,
+        prior_weights=[float(x) for x in prior],
+        training=training or {},
+        metrics=metrics or {},
+    )
+    (directory / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
+    meta.version = content_version(directory)
+    (directory / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
+    return meta
+
+
+def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
+    """Record evaluation results in config.json; metrics do not change the model version."""
+    path = Path(directory) / CONFIG_FILE
+    meta = CheckpointMeta.model_validate_json(path.read_text())
+    meta.metrics.update(metrics)
+    path.write_text(meta.model_dump_json(indent=2))
+
+
+def read_checkpoint(directory: str | Path, verify_version: bool = True) -> Checkpoint:
+    """Load and validate a checkpoint directory with numpy only; CheckpointError says what is wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} is not a directory")
+    for name in (CONFIG_FILE, MODEL_FILE, USERS_FILE, USER_IDS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory} has no {name}")
+    try:
+        meta = CheckpointMeta.model_validate_json((directory / CONFIG_FILE).read_text())
+    except (ValidationError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid checkpoint config: {e}") from e
+    if meta.format != FORMAT:
+        raise CheckpointError(f"unsupported checkpoint format {meta.format!r}, expected {FORMAT!r}")
+    try:
+        head = load_file(str(directory / MODEL_FILE))
+        logits = load_file(str(directory / USERS_FILE))["logits"]
+        user_ids = json.loads((directory / USER_IDS_FILE).read_text())
+    except (SafetensorError, KeyError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {directory} has unreadable weights: {e}") from e
+    expected = expected_head_shapes(meta.pal)
+    for name, shape in expected.items():
+        if name not in head:
+            raise CheckpointError(f"{MODEL_FILE} lacks parameter {name!r}")
+        if tuple(head[name].shape) != shape:
+            raise CheckpointError(
+                f"{MODEL_FILE}: {name} has shape {tuple(head[name].shape)}, config implies {shape}"
+            )
+        if not np.isfinite(head[name]).all():
+            raise CheckpointError(f"{MODEL_FILE}: {name} holds NaN or inf")
+    if not isinstance(user_ids, list) or not all(isinstance(u, str) for u in user_ids):
+        raise CheckpointError(f"{USER_IDS_FILE} must be a JSON list of strings")
+    if logits.ndim != 2 or logits.shape != (len(user_ids), meta.pal.k) or not np.isfinite(logits).all():
+        raise CheckpointError(
+            f"{USERS_FILE}: logits {logits.shape} do not match {len(user_ids)} users x K={meta.pal.k}"
+        )
+    if len(meta.prior_weights) != meta.pal.k or abs(sum(meta.prior_weights) - 1) > 1e-3:
+        raise CheckpointError("config.json prior_weights must be K weights summing to 1")
+    if verify_version and meta.version != content_version(directory):
+        raise CheckpointError(f"checkpoint {directory}: content does not match its version {meta.version!r}")
+    return Checkpoint(meta=meta, head=head, user_ids=user_ids, user_logits=logits)
+
+
+def load_model(directory: str | Path) -> tuple[PALModel, Checkpoint]:
+    """Rebuild the torch model from a checkpoint (training, export and parity tests)."""
+    import torch
+
+    from models.pal import PALModel
+
+    ckpt = read_checkpoint(directory)
+    model = PALModel(ckpt.meta.pal, n_users=len(ckpt.user_ids))
+    state = {f"head.{k}": torch.from_numpy(v.copy()) for k, v in ckpt.head.items() if k != "tau"}
+    state["user_logits"] = torch.from_numpy(ckpt.user_logits.copy())
+    model.load_state_dict(state)
+    return model, ckpt
