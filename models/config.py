@@ -21,6 +21,9 @@ class EncoderSpec(BaseModel):
     name_or_path: str = "all-MiniLM-L6-v2"
     pooling: Pooling = "mean"
     max_length: int = Field(default=256, ge=8, le=8192)
+    # "left" drops the start of a long text: the end of a response (where answers conclude) and the end of a
+    # prompt (the actual question) are what the reward should see. Training and serving use the same side.
+    truncation_side: Literal["left", "right"] = "left"
     normalize: bool = False
 
 
@@ -47,3 +50,11 @@ class PALConfig(BaseModel):
         if not 0 < self.tau_init <= self.tau_max:
             raise ValueError("need 0 < tau_init <= tau_max")
         return self
+
+
+PAIR_SEPARATOR = "\n\n"
+
+
+def pair_text(prompt: str, response: str) -> str:
+    """The single text whose embedding is e(p, x) for PAL-A (training and serving must agree on it)."""
+    return f"{prompt}{PAIR_SEPARATOR}{response}" if prompt else response
