@@ -1,0 +1,1 @@
+"""Preference data: the JSONL schema, the split structure and the seeded builders."""

@@ -1,0 +1,121 @@
+"""Real people's preferences from Polis conversations: a statement a participant agreed with is preferred
+over one they disagreed with; the prompt is the conversation's topic.
+
+Each conversation's (unmoderated) statements are split into train / val / test pools, so every held-out
+pair is made of statements the model never trained on. Whole participants are held out as unseen users:
+their few-shot pool is drawn from train statements, their test pairs from test statements.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.data.paths import data_dir, require
+from training.data.schema import Comparison, PreferenceSplits
+
+
+@dataclass(frozen=True)
+class PolisParams:
+    conversation: str = "canadian-electoral-reform"
+    unseen_fraction: float = 0.2
+    split_fractions: tuple[float, float] = (0.7, 0.15)  # statements: train, val; test gets the rest
+    train_pairs: int = 60  # per seen participant, at most
+    val_pairs: int = 20
+    test_pairs: int = 20
+    pool_pairs: int = 50  # per unseen participant, at most
+    unseen_test_pairs: int = 20
+    seed: int = 0
+
+
+def conversations() -> list[str]:
+    root = data_dir() / "polis"
+    return sorted(d.name for d in root.iterdir() if (d / "participants-votes.csv").is_file()) if root.is_dir() else []
+
+
+def topic(conversation: str) -> str:
+    """The conversation's description in the upstream README if it has one, else a title from its name."""
+    readme = data_dir() / "polis" / "UPSTREAM_README.md"
+    parts = set(conversation.split("."))
+    if readme.is_file():
+        for m in re.finditer(r"^\* \*\*([^*]+)\*\*:\s*(.+)$", readme.read_text(encoding="utf-8"), re.M):
+            if set(m.group(1).split(".")) <= parts:
+                text = re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", m.group(2)).strip()
+                return text.split(". ")[0].rstrip(".") + "."
+    # Drop Polis' random ids and dates: "ssis.land-bank-farmland.2rumnecbeh.2021-08-01" -> "Ssis: land bank farmland"
+    ids = re.compile(r"^(\d{4}-\d{2}-\d{2}|(?=.*\d)[a-z0-9]{6,})$")
+    words = [p.replace("-", " ") for p in conversation.split(".") if not ids.match(p)] or [conversation]
+    return words[0].capitalize() + (": " + ", ".join(words[1:]) if words[1:] else "")
+
+
+def _comments(path: Path) -> dict[str, str]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return {r["comment-id"]: r["comment-body"].strip() for r in csv.DictReader(f) if r["moderated"] != "-1"}
+
+
+def _votes(path: Path) -> dict[str, dict[str, int]]:
+    """participant -> {comment id: +1 / -1} (passes and missing votes dropped)."""
+    out: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        cols = [(i, h) for i, h in enumerate(header) if h.isdigit()]
+        for row in reader:
+            votes = {cid: int(row[i]) for i, cid in cols if i < len(row) and row[i] in ("1", "-1")}
+            if votes:
+                out[row[0]] = votes
+    return out
+
+
+def _pairs(
+    uid: str, prompt: str, votes: dict[str, int], pool: set[str], text: dict[str, str], n: int, rng: np.random.Generator
+) -> list[Comparison]:
+    agreed = sorted(c for c, v in votes.items() if v == 1 and c in pool)
+    disagreed = sorted(c for c, v in votes.items() if v == -1 and c in pool)
+    combos = [(a, d) for a in agreed for d in disagreed]
+    pick = rng.permutation(len(combos))[:n]
+    return [Comparison(uid, prompt, text[combos[i][0]], text[combos[i][1]]) for i in pick]
+
+
+def build_polis(p: PolisParams = PolisParams()) -> PreferenceSplits:
+    folder = require(data_dir() / "polis" / p.conversation, f"polis conversation {p.conversation!r}")
+    text = _comments(folder / "comments.csv")
+    votes = _votes(folder / "participants-votes.csv")
+    rng = np.random.default_rng(p.seed)
+    cids = sorted(text, key=int)
+    cids = [cids[i] for i in rng.permutation(len(cids))]
+    a = int(len(cids) * p.split_fractions[0])
+    b = a + int(len(cids) * p.split_fractions[1])
+    train_c, val_c, test_c = set(cids[:a]), set(cids[a:b]), set(cids[b:])
+    prompt = topic(p.conversation)
+    parts: dict[str, list[Comparison]] = {s: [] for s in ("train", "val", "test", "pool", "utest")}
+    participants = sorted(votes, key=int)
+    unseen = {participants[i] for i in rng.permutation(len(participants))[: int(len(participants) * p.unseen_fraction)]}
+    for pid in participants:
+        uid = f"{p.conversation}/{pid}"  # the real participant id, namespaced by conversation
+        v = votes[pid]
+        if pid in unseen:
+            pool = _pairs(uid, prompt, v, train_c, text, p.pool_pairs, rng)
+            test = _pairs(uid, prompt, v, test_c, text, p.unseen_test_pairs, rng)
+            if pool and test:  # an unseen user needs something to adapt on and something to score
+                parts["pool"] += pool
+                parts["utest"] += test
+        else:
+            train = _pairs(uid, prompt, v, train_c, text, p.train_pairs, rng)
+            if train:
+                parts["train"] += train
+                parts["val"] += _pairs(uid, prompt, v, val_c, text, p.val_pairs, rng)
+                parts["test"] += _pairs(uid, prompt, v, test_c, text, p.test_pairs, rng)
+    return PreferenceSplits(
+        name=f"polis/{p.conversation}",
+        seen_train=parts["train"],
+        seen_val=parts["val"],
+        seen_test=parts["test"],
+        unseen_pool=parts["pool"],
+        unseen_test=parts["utest"],
+        info={"builder": "polis", "params": asdict(p), "topic": prompt},
+    )
