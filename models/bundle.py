@@ -1,0 +1,130 @@
+"""Scorer bundle format: what `pal export` writes and `models.scorer` serves. numpy + safetensors + pydantic only.
+
+    config.json        BundleMeta: format tag, model version, PALConfig, EncoderSpec, prior weights, graph I/O
+                       names, the transformer fusions found in the graph, chat template, opset, creation time
+    model.onnx         fp32 graph: token ids + mask -> encoder -> pooling -> PAL head outputs
+    model.fp16.onnx    optional fp16 graph (fp32 inputs/outputs) for GPU serving
+    head.safetensors   the checkpoint's head parameters (models.head.HeadParams: fitting, PAL-A ideal points)
+    users.safetensors  {"logits": (n_users, K)} seen users' simplex logits
+    users.json         seen user ids, row order of the logits
+    tokenizer/         tokenizer.json (+ the HF tokenizer config files, for reference)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from models.config import EncoderSpec, PALConfig
+from models.head import HeadParams, softmax
+
+FORMAT = "pal-rm-bundle/1"
+CONFIG_FILE = "config.json"
+GRAPH_FP32 = "model.onnx"
+GRAPH_FP16 = "model.fp16.onnx"
+HEAD_FILE = "head.safetensors"
+USERS_FILE = "users.safetensors"
+USER_IDS_FILE = "users.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+
+LATENT = "latent"
+PROMPT_PROTOTYPES = "prompt_prototypes"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, malformed or inconsistent: raised at load, saying what is wrong."""
+
+
+class BundleMeta(BaseModel):
+    format: str = FORMAT
+    # The checkpoint's content hash: the model version every response and cache key carries.
+    version: str
+    pal: PALConfig
+    encoder: EncoderSpec
+    prior_weights: list[float]
+    input_names: list[str] = Field(default_factory=lambda: ["input_ids", "attention_mask"])
+    output_names: list[str]
+    # Fused-operator counts onnxruntime's transformer optimizer produced (Attention, SkipLayerNormalization, ...).
+    fusions: dict[str, int] = Field(default_factory=dict)
+    graphs: dict[str, str] = Field(default_factory=lambda: {"fp32": GRAPH_FP32})
+    chat_template: str | None = None
+    opset: int
+    created_at: str
+    # Largest |onnx - torch| over the export's self-check texts, per graph.
+    export_max_abs_diff: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, object] = Field(default_factory=dict)
+
+
+def expected_outputs(cfg: PALConfig) -> list[str]:
+    return [LATENT, PROMPT_PROTOTYPES] if cfg.form == "B" else [LATENT]
+
+
+def read_meta(directory: str | Path) -> BundleMeta:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle {directory} is not a directory")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise BundleError(f"bundle {directory} has no {CONFIG_FILE}")
+    try:
+        meta = BundleMeta.model_validate_json(path.read_text())
+    except (ValidationError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not a valid bundle config: {e}") from e
+    if meta.format != FORMAT:
+        raise BundleError(f"unsupported bundle format {meta.format!r}, expected {FORMAT!r}")
+    if meta.encoder.kind != "hf":
+        raise BundleError(f"bundle {directory} has encoder kind {meta.encoder.kind!r}; only 'hf' encoders serve text")
+    if meta.output_names != expected_outputs(meta.pal):
+        raise BundleError(f"bundle outputs {meta.output_names} do not match PAL-{meta.pal.form}")
+    if len(meta.prior_weights) != meta.pal.k or abs(sum(meta.prior_weights) - 1) > 1e-3:
+        raise BundleError(f"{CONFIG_FILE} prior_weights must be K={meta.pal.k} weights summing to 1")
+    return meta
+
+
+def read_head(directory: str | Path, meta: BundleMeta) -> HeadParams:
+    """Head parameters, checked against the shapes the config implies."""
+    from models.checkpoint import expected_head_shapes  # numpy-only module
+
+    path = Path(directory) / HEAD_FILE
+    arrays = _load_safetensors(path)
+    for name, shape in expected_head_shapes(meta.pal).items():
+        if name not in arrays:
+            raise BundleError(f"{path} lacks parameter {name!r}")
+        if tuple(arrays[name].shape) != shape:
+            raise BundleError(f"{path}: {name} has shape {tuple(arrays[name].shape)}, config implies {shape}")
+        if not np.isfinite(arrays[name]).all():
+            raise BundleError(f"{path}: {name} holds NaN or inf")
+    return HeadParams(meta.pal, {k: v.astype(np.float64) for k, v in arrays.items()})
+
+
+def read_users(directory: str | Path, meta: BundleMeta) -> dict[str, np.ndarray]:
+    """Seen users' simplex weights, user id -> (K,)."""
+    directory = Path(directory)
+    logits = _load_safetensors(directory / USERS_FILE).get("logits")
+    try:
+        user_ids = json.loads((directory / USER_IDS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"bundle {directory}: unreadable {USER_IDS_FILE}: {e}") from e
+    if not isinstance(user_ids, list) or not all(isinstance(u, str) for u in user_ids):
+        raise BundleError(f"{directory / USER_IDS_FILE} must be a JSON list of strings")
+    if logits is None or logits.ndim != 2 or logits.shape != (len(user_ids), meta.pal.k):
+        shape = None if logits is None else logits.shape
+        raise BundleError(f"{directory / USERS_FILE}: logits {shape} do not match {len(user_ids)} users x K")
+    if not np.isfinite(logits).all():
+        raise BundleError(f"{directory / USERS_FILE}: logits hold NaN or inf")
+    return dict(zip(user_ids, softmax(logits.astype(np.float64)), strict=True))
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise BundleError(f"bundle {path.parent} has no {path.name}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{path} is not a readable safetensors file: {e}") from e

@@ -1,0 +1,242 @@
+"""`pal export`: checkpoint -> self-contained ONNX scorer bundle (see models.bundle for the layout).
+
+The graph is PooledEncoder (eager attention, so onnxruntime's BERT fusions recognise the attention pattern)
+followed by the PAL head's user-independent maps. Users only enter through K weights at scoring time, so
+scoring N users costs one encoder pass plus O(K d) numpy each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from models import bundle as B
+from models.checkpoint import MODEL_FILE, USER_IDS_FILE, USERS_FILE, load_model
+from models.config import EncoderSpec
+from models.encoder import PooledEncoder, load_tokenizer
+from models.pal import PALHead
+
+OPSET = 17
+# fp32 graph vs torch on the self-check texts; fused kernels reorder sums, so not bit-exact.
+FP32_TOLERANCE = 1e-3
+FP16_TOLERANCE = 5e-2
+FUSED_OPS = (
+    "EmbedLayerNormalization",
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "GemmFastGelu",
+)
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot become a text scorer (e.g. a table encoder) or the exported graph is wrong."""
+
+
+class ExportReport(BaseModel):
+    bundle: str
+    version: str
+    form: str
+    k: int
+    encoder: str
+    graphs: dict[str, str]
+    fusions: dict[str, int]
+    max_abs_diff: dict[str, float]
+    files: dict[str, int]  # name -> bytes
+    seconds: float
+
+
+class ScoringGraph(nn.Module):
+    """token ids + mask -> pooled embedding -> latent f(e) (and g_k(e) for PAL-B). Traced by torch.onnx."""
+
+    def __init__(self, encoder: PooledEncoder, head: PALHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        e = self.encoder(input_ids, attention_mask)
+        if self.head.cfg.form == "B":
+            return self.head.latent(e), self.head.prompt_prototypes(e)
+        return (self.head.latent(e),)
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, fp16: bool = False) -> ExportReport:
+    """Write the bundle to `out` (replacing an earlier bundle there) and return what was exported."""
+    t0 = time.perf_counter()
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_target(out)
+    model, ckpt = load_model(checkpoint)
+    spec, cfg = ckpt.meta.encoder, ckpt.meta.pal
+    if spec.kind != "hf":
+        raise ExportError(
+            f"checkpoint {checkpoint} was trained on a {spec.kind!r} encoder (fixed embedding table, e.g. the "
+            "simulated data set); only checkpoints trained on a transformers text encoder can be exported"
+        )
+    encoder = PooledEncoder(spec, attn_implementation="eager")
+    _check_dims(encoder, spec, cfg.form, cfg.item_dim, cfg.prompt_dim)
+    graph = ScoringGraph(encoder, model.head).eval()
+    tokenizer = load_tokenizer(spec)
+    tokenizer.truncation_side = spec.truncation_side
+    check_ids, check_mask = _self_check_batch(tokenizer, spec)
+    with torch.no_grad():  # reference before tracing, from the untouched torch modules
+        reference = [t.numpy() for t in graph(check_ids, check_mask)]
+    output_names = B.expected_outputs(cfg)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        raw = work / "raw.onnx"
+        _torch_export(graph, check_ids, check_mask, raw, output_names)
+        optimized, fusions = _optimize(raw, encoder)
+        optimized.save_model_to_file(str(work / B.GRAPH_FP32))
+        graphs = {"fp32": B.GRAPH_FP32}
+        diffs = {"fp32": _max_diff(work / B.GRAPH_FP32, check_ids, check_mask, reference)}
+        if diffs["fp32"] > FP32_TOLERANCE:
+            raise ExportError(f"exported graph differs from torch by {diffs['fp32']:.2e} > {FP32_TOLERANCE}")
+        if fp16:
+            optimized.convert_float_to_float16(keep_io_types=True)
+            optimized.save_model_to_file(str(work / B.GRAPH_FP16))
+            graphs["fp16"] = B.GRAPH_FP16
+            diffs["fp16"] = _max_diff(work / B.GRAPH_FP16, check_ids, check_mask, reference)
+            if not np.isfinite(diffs["fp16"]) or diffs["fp16"] > FP16_TOLERANCE * max(1.0, _scale(reference)):
+                raise ExportError(f"fp16 graph differs from torch by {diffs['fp16']:.2e}")
+        raw.unlink()
+        shutil.copyfile(checkpoint / MODEL_FILE, work / B.HEAD_FILE)
+        shutil.copyfile(checkpoint / USERS_FILE, work / B.USERS_FILE)
+        shutil.copyfile(checkpoint / USER_IDS_FILE, work / B.USER_IDS_FILE)
+        tokenizer.save_pretrained(str(work / B.TOKENIZER_DIR))
+        if not (work / B.TOKENIZER_DIR / B.TOKENIZER_FILE).is_file():
+            raise ExportError(f"encoder {spec.name_or_path!r} has no fast tokenizer (tokenizer.json)")
+        meta = B.BundleMeta(
+            version=ckpt.meta.version,
+            pal=cfg,
+            encoder=spec,
+            prior_weights=ckpt.meta.prior_weights,
+            output_names=output_names,
+            fusions=fusions,
+            graphs=graphs,
+            chat_template=getattr(tokenizer, "chat_template", None) or None,
+            opset=OPSET,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            export_max_abs_diff=diffs,
+            metrics=ckpt.meta.metrics,
+        )
+        (work / B.CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
+        # Swap in whole: a reader never sees a half-written bundle under `out`.
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    return ExportReport(
+        bundle=str(out),
+        version=meta.version,
+        form=cfg.form,
+        k=cfg.k,
+        encoder=spec.name_or_path,
+        graphs=graphs,
+        fusions=fusions,
+        max_abs_diff=diffs,
+        files=files,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+
+
+def _check_target(out: Path) -> None:
+    """Refuse to replace a directory that is not an earlier bundle (a typo must not delete someone's data)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_bundle(out))):
+        raise ExportError(f"{out} exists and is not a scorer bundle; choose another output directory")
+
+
+def _is_bundle(path: Path) -> bool:
+    try:
+        return json.loads((path / B.CONFIG_FILE).read_text()).get("format") == B.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_dims(encoder: PooledEncoder, spec: EncoderSpec, form: str, item_dim: int, prompt_dim: int) -> None:
+    dims = {"item_dim": item_dim} if form == "A" else {"item_dim": item_dim, "prompt_dim": prompt_dim}
+    for name, d in dims.items():
+        if d != encoder.dim:
+            raise ExportError(f"head {name}={d} but encoder {spec.name_or_path!r} embeds in {encoder.dim} dims")
+    max_pos = getattr(encoder.model.config, "max_position_embeddings", None)
+    if max_pos is not None and spec.max_length > max_pos:
+        raise ExportError(f"max_length={spec.max_length} exceeds the encoder's {max_pos} positions")
+
+
+def _self_check_batch(tokenizer, spec: EncoderSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch of varied lengths (one cut to max_length) used to trace and to check the graph."""
+    texts = [
+        "",
+        "short prompt",
+        "a somewhat longer response that says a few more things. " * 3,
+        "a text long enough to be truncated " * (spec.max_length // 4 + 4),
+    ]
+    enc = tokenizer(texts, truncation=True, max_length=spec.max_length, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _torch_export(graph: ScoringGraph, ids: torch.Tensor, mask: torch.Tensor, path: Path, outputs: list[str]) -> None:
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    axes.update({name: {0: "batch"} for name in outputs})
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated upstream, but its graphs are the ones onnxruntime's BERT
+        # optimizer fuses into Attention/SkipLayerNormalization; the dynamo exporter's are not (yet).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def _optimize(path: Path, encoder: PooledEncoder):  # -> (onnxruntime OnnxModel, fusion counts)
+    from onnxruntime.transformers import optimizer
+
+    cfg = encoder.model.config
+    model = optimizer.optimize_model(
+        str(path),
+        model_type="bert",
+        num_heads=int(cfg.num_attention_heads),
+        hidden_size=int(cfg.hidden_size),
+        opt_level=0,
+        use_gpu=False,
+    )
+    stats = model.get_fused_operator_statistics()
+    return model, {op: int(stats[op]) for op in FUSED_OPS if stats.get(op)}
+
+
+def _max_diff(path: Path, ids: torch.Tensor, mask: torch.Tensor, reference: list[np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    return float(max(np.abs(g.astype(np.float64) - r).max() for g, r in zip(got, reference, strict=True)))
+
+
+def _scale(reference: list[np.ndarray]) -> float:
+    return float(max(np.abs(r).max() for r in reference))

@@ -1,0 +1,348 @@
+"""Runtime scorer over a bundle: tokenizers + onnxruntime + numpy (never torch or transformers).
+
+encode() turns (prompt, response) pairs into the head's user-independent outputs; rewards() then scores any
+user mixture in O(K d) numpy. Inside encode: identical texts are encoded once per call, encoder outputs are
+kept in an LRU cache keyed by (model version, content hash, role), and cache misses are tokenized in bulk,
+sorted by length and cut into batches by a padded-token budget, so short texts are not padded to long ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from models import bundle as B
+from models.bundle import BundleError, BundleMeta
+from models.cache import LRUCache
+from models.config import pair_text
+from models.head import ComparisonFeatures, HeadParams, prototype_rewards, reward_a, reward_b
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PROVIDERS = ("auto", "cuda", "cpu")
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider is not active: raised at load, never a silent fallback."""
+
+
+@dataclass(frozen=True)
+class EncodedItems:
+    latent: np.ndarray  # (N, D) float64: f(e(x)) (PAL-B) or f(e(pair_text)) (PAL-A)
+    prompt_prototypes: np.ndarray | None  # (N, K, D) for PAL-B, None for PAL-A
+    truncated: np.ndarray  # (N,) bool: prompt and/or response was cut to max_length
+
+    def __len__(self) -> int:
+        return len(self.latent)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One cached encoder output: a response latent (D,), prompt prototypes (K, D) or a pair latent (D,)."""
+
+    value: np.ndarray
+    truncated: bool
+
+
+class Scorer:
+    def __init__(
+        self,
+        meta: BundleMeta,
+        head: HeadParams,
+        users: dict[str, np.ndarray],
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        pad_id: int,
+        max_batch_tokens: int,
+        cache_size: int,
+    ) -> None:
+        self.meta = meta
+        self.head = head
+        self.provider: str = session.get_providers()[0]
+        self.max_batch_tokens = max_batch_tokens
+        self._users = users
+        self._session = session
+        self._inputs = [i.name for i in session.get_inputs()]
+        self._tokenizer = tokenizer
+        self._pad_id = pad_id
+        self._cache: LRUCache[_Entry] = LRUCache(cache_size)
+        self._stats_lock = threading.Lock()
+        self._deduplicated = 0
+        self._encoded = 0
+        self._batches = 0
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        provider: str = "auto",
+        fp16: bool = False,
+        intra_op_threads: int = 0,
+        max_batch_tokens: int = 16384,
+        cache_size: int = 65536,
+    ) -> Scorer:
+        """Load and validate a bundle; BundleError says what is wrong with it, ProviderError about the device."""
+        directory = Path(bundle_dir)
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        if max_batch_tokens < 1 or cache_size < 0:
+            raise ValueError("need max_batch_tokens >= 1 and cache_size >= 0")
+        meta = B.read_meta(directory)
+        head = B.read_head(directory, meta)
+        users = B.read_users(directory, meta)
+        tokenizer, pad_id = _load_tokenizer(directory, meta)
+        graph = meta.graphs.get("fp16" if fp16 else "fp32")
+        if graph is None:
+            raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
+        session = _session(directory / graph, provider, intra_op_threads)
+        scorer = cls(meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size)
+        scorer._probe()
+        return scorer
+
+    # ---------------------------------------------------------------- public API
+
+    def seen_users(self) -> dict[str, np.ndarray]:
+        """User id -> simplex weights (K,) of the users the checkpoint was trained on."""
+        return {u: w.copy() for u, w in self._users.items()}
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> EncodedItems:
+        """Encoder + head outputs for each (prompt, response) pair. Blocking; safe to call from many threads."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        n = len(prompts)
+        prompts, responses = _clean(prompts), _clean(responses)
+        if self.meta.pal.form == "B":
+            entries = self._lookup([(p, "prompt") for p in prompts] + [(r, "response") for r in responses])
+            latent = _stack([e.value for e in entries[n:]], (0, self.meta.pal.latent_dim))
+            protos = _stack([e.value for e in entries[:n]], (0, self.meta.pal.k, self.meta.pal.latent_dim))
+            truncated = np.array([a.truncated or b.truncated for a, b in zip(entries[:n], entries[n:], strict=True)])
+            return EncodedItems(latent, protos, truncated.astype(bool).reshape(n))
+        entries = self._lookup([(pair_text(p, r), "pair") for p, r in zip(prompts, responses, strict=True)])
+        latent = _stack([e.value for e in entries], (0, self.meta.pal.latent_dim))
+        return EncodedItems(latent, None, np.array([e.truncated for e in entries], dtype=bool).reshape(n))
+
+    def rewards(self, enc: EncodedItems, weights: np.ndarray) -> np.ndarray:
+        """Reward of item i for the user mixture weights[i] (N, K); a single (K,) row applies to every item."""
+        w = np.asarray(weights, dtype=np.float64)
+        n, k = len(enc), self.meta.pal.k
+        if w.ndim == 1:
+            w = np.broadcast_to(w, (n, k)) if w.shape == (k,) else w
+        if w.shape != (n, k):
+            raise ValueError(f"weights must have shape ({n}, {k}) or ({k},), got {np.shape(weights)}")
+        if not np.isfinite(w).all():
+            raise ValueError("weights hold NaN or inf")
+        if self.meta.pal.form == "B":
+            return reward_b(enc.latent, enc.prompt_prototypes, w, self.head.tau)
+        # Many items share a user: compute each distinct ideal point once.
+        rows, inverse = np.unique(w, axis=0, return_inverse=True)
+        return reward_a(enc.latent, self.head.ideal_points(rows)[inverse.reshape(-1)])
+
+    def prototype_rewards(self, enc: EncodedItems) -> np.ndarray:
+        """Reward of each item under each pure prototype (one-hot weights): (N, K)."""
+        return prototype_rewards(self.head, enc.latent, enc.prompt_prototypes)
+
+    def features(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> ComparisonFeatures:
+        """Encoded comparisons for models.head.fit_user (one encoder call; the shared prompt is encoded once)."""
+        if not len(prompts) == len(chosen) == len(rejected):
+            raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+        n = len(prompts)
+        enc = self.encode(list(prompts) * 2, list(chosen) + list(rejected))
+        protos = None if enc.prompt_prototypes is None else enc.prompt_prototypes[:n]
+        return ComparisonFeatures(chosen=enc.latent[:n], rejected=enc.latent[n:], prompt_prototypes=protos)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens the encoder sees per text (special tokens included, after truncation to max_length)."""
+        return [len(e.ids) for e in self._tokenizer.encode_batch(_clean(texts))]
+
+    def cache_stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            return {
+                "hits": self._cache.hits,
+                "misses": self._cache.misses,
+                "size": len(self._cache),
+                "capacity": self._cache.capacity,
+                "deduplicated": self._deduplicated,
+                "encoded": self._encoded,
+                "batches": self._batches,
+            }
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def warmup(self) -> None:
+        """Run the graph at a few shapes (short, mid, full length) so the first request pays no allocation cost."""
+        max_len = self.meta.encoder.max_length
+        for length in sorted({8, min(64, max_len), max_len}):
+            rows = max(1, min(8, self.max_batch_tokens // length))
+            self._run(np.full((rows, length), self._pad_id, dtype=np.int64), np.ones((rows, length), dtype=np.int64))
+
+    # ---------------------------------------------------------------- internals
+
+    def _lookup(self, requests: list[tuple[str, str]]) -> list[_Entry]:
+        """Entries for (text, role) requests: cache hits, then one batched encoder pass over the distinct misses."""
+        version = self.meta.version
+        keys = [(version, _digest(text), role) for text, role in requests]
+        found: dict[tuple[str, bytes, str], _Entry] = {}
+        missing: dict[bytes, tuple[str, set[str]]] = {}  # digest -> (text, roles needed)
+        for key, (text, role) in zip(keys, requests, strict=True):
+            if key in found or (key[1] in missing and role in missing[key[1]][1]):
+                continue
+            entry = self._cache.get(key)
+            if entry is not None:
+                found[key] = entry
+            else:
+                missing.setdefault(key[1], (text, set()))[1].add(role)
+        with self._stats_lock:
+            self._deduplicated += len(requests) - len(found) - sum(len(r) for _, r in missing.values())
+        if missing:
+            digests = list(missing)
+            outputs, truncated = self._encode_texts([missing[d][0] for d in digests])
+            for i, digest in enumerate(digests):
+                for role in missing[digest][1]:
+                    # Copy the row so a cached entry does not keep its whole batch array alive.
+                    value = np.array(outputs[1][i] if role == "prompt" else outputs[0][i])
+                    entry = _Entry(value, bool(truncated[i]))
+                    found[(version, digest, role)] = entry
+                    self._cache.put((version, digest, role), entry)
+        return [found[key] for key in keys]
+
+    def _encode_texts(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Tokenize in bulk, sort by length, run batches cut by the padded-token budget; outputs in input order."""
+        encodings = self._tokenizer.encode_batch(texts)
+        lengths = np.array([len(e.ids) for e in encodings])
+        truncated = np.array([len(e.overflowing) > 0 for e in encodings], dtype=bool)
+        order = np.argsort(-lengths, kind="stable")
+        results: list[list[np.ndarray]] = []
+        positions: list[np.ndarray] = []
+        for batch in _token_budget_batches(lengths[order], self.max_batch_tokens):
+            idx = order[batch]
+            width = int(lengths[idx].max())
+            ids = np.full((len(idx), width), self._pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, j in enumerate(idx):
+                ids[row, : lengths[j]] = encodings[j].ids
+                mask[row, : lengths[j]] = 1
+            results.append(self._run(ids, mask))
+            positions.append(idx)
+        inverse = np.empty(len(texts), dtype=np.int64)
+        inverse[np.concatenate(positions)] = np.arange(len(texts))
+        outputs = [np.concatenate([r[o] for r in results])[inverse] for o in range(len(results[0]))]
+        with self._stats_lock:
+            self._encoded += len(texts)
+            self._batches += len(results)
+        return outputs, truncated
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        return [o.astype(np.float32, copy=False) for o in self._session.run(self.meta.output_names, feed)]
+
+    def _probe(self) -> None:
+        """One tiny batch through the graph: wrong output shapes or a broken graph fail at load, not per request."""
+        cfg = self.meta.pal
+        try:
+            outputs = self._run(np.full((2, 4), self._pad_id, dtype=np.int64), np.ones((2, 4), dtype=np.int64))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BundleError(f"bundle graph failed on a probe batch: {e}") from e
+        expected = [(2, cfg.latent_dim)] + ([(2, cfg.k, cfg.latent_dim)] if cfg.form == "B" else [])
+        got = [o.shape for o in outputs]
+        if got != expected:
+            raise BundleError(f"bundle graph outputs shapes {got}, config implies {expected}")
+        if not all(np.isfinite(o).all() for o in outputs):
+            raise BundleError("bundle graph produced NaN or inf on a probe batch")
+
+
+def _token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Cut length-sorted (descending) rows into batches with rows x longest row <= budget (>= 1 row each)."""
+    batches: list[np.ndarray] = []
+    start = 0
+    n = len(sorted_lengths)
+    while start < n:
+        width = int(sorted_lengths[start])
+        rows = max(1, budget // max(width, 1))
+        batches.append(np.arange(start, min(n, start + rows)))
+        start += rows
+    return batches
+
+
+def _session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    if provider == "cuda" and CUDA not in available:
+        raise ProviderError(
+            f"provider='cuda' requested but this onnxruntime build has no {CUDA} (available: {available}); "
+            "install onnxruntime-gpu matching the CUDA runtime, or set the provider to 'cpu'"
+        )
+    providers = [CUDA, CPU] if provider in ("cuda", "auto") and CUDA in available else [CPU]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not path.is_file():
+        raise BundleError(f"bundle {path.parent} has no {path.name}")
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        if provider == "cuda":
+            raise ProviderError(f"could not start {CUDA} for {path}: {e}") from e
+        raise BundleError(f"{path} is not a loadable ONNX graph: {e}") from e
+    active = session.get_providers()[0]
+    if provider == "cuda" and active != CUDA:
+        # onnxruntime falls back to CPU with only a log line when CUDA/cuDNN libraries are missing.
+        raise ProviderError(f"provider='cuda' requested but onnxruntime activated {session.get_providers()}")
+    if provider == "auto" and CUDA in providers and active != CUDA:
+        log.warning("CUDA provider not usable, serving on %s", active)
+    return session
+
+
+def _load_tokenizer(directory: Path, meta: BundleMeta) -> tuple[Tokenizer, int]:
+    """The exported tokenizer with the bundle's truncation applied exactly as training's HF tokenizer does it."""
+    path = directory / B.TOKENIZER_DIR / B.TOKENIZER_FILE
+    if not path.is_file():
+        raise BundleError(f"bundle {directory} has no {B.TOKENIZER_DIR}/{B.TOKENIZER_FILE}")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise BundleError(f"{path} is not a readable tokenizer: {e}") from e
+    tokenizer.no_padding()  # padding is per batch, to the batch's longest row
+    tokenizer.enable_truncation(max_length=meta.encoder.max_length, direction=meta.encoder.truncation_side)
+    pad_token = "[PAD]"
+    config = directory / B.TOKENIZER_DIR / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text()).get("pad_token")
+            pad_token = value if isinstance(value, str) else pad_token
+        except (OSError, ValueError):
+            pass
+    pad_id = tokenizer.token_to_id(pad_token)
+    return tokenizer, 0 if pad_id is None else int(pad_id)
+
+
+def _clean(texts: Sequence[str]) -> list[str]:
+    """Type-check texts and replace lone surrogates (invalid unicode from JSON) so hashing and tokenizing work."""
+    out: list[str] = []
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be str, got {type(t).__name__}")
+        if not t.isascii():
+            t = t.encode("utf-8", "replace").decode("utf-8")
+        out.append(t)
+    return out
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _stack(rows: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.stack(rows).astype(np.float64) if rows else np.zeros(empty_shape)

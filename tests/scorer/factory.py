@@ -1,0 +1,46 @@
+"""Real exported bundles for tests: random PAL head weights on the real MiniLM encoder.
+
+Other test suites import `make_random_bundle` to get a bundle the scorer and the service can load. Export
+takes a few seconds (tracing + onnxruntime fusion), so call it from a session-scoped fixture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.config import EncoderSpec, PALConfig
+
+
+def make_random_checkpoint(
+    directory: str | Path, form: str = "B", k: int = 3, n_users: int = 4, max_length: int = 128, seed: int = 0
+) -> Path:
+    """A checkpoint with a small random PAL head (latent 16, hidden 32) over MiniLM's 384-d embeddings."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.pal import PALModel
+
+    cfg = PALConfig(form=form, k=k, prompt_dim=384, item_dim=384, latent_dim=16, hidden_dim=32, n_hidden=1)
+    model = PALModel(cfg, n_users=n_users, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        # Non-zero biases and spread-out user logits, so every parameter and every user matters in parity checks.
+        for name, p in model.named_parameters():
+            if ".b" in name or name == "user_logits":
+                p.add_(torch.randn(p.shape, generator=gen))
+    directory = Path(directory)
+    save_checkpoint(directory, model, [f"user-{i}" for i in range(n_users)], EncoderSpec(max_length=max_length))
+    return directory
+
+
+def make_random_bundle(
+    tmp_dir: str | Path, form: str = "B", k: int = 3, max_length: int = 128, fp16: bool = False
+) -> Path:
+    """Checkpoint + `pal export` into tmp_dir; returns the bundle directory (tmp_dir/bundle-<form>)."""
+    from models.export import export_bundle
+
+    tmp_dir = Path(tmp_dir)
+    ckpt = make_random_checkpoint(tmp_dir / f"checkpoint-{form}", form=form, k=k, max_length=max_length)
+    out = tmp_dir / f"bundle-{form}"
+    export_bundle(ckpt, out, fp16=fp16)
+    return out
