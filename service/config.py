@@ -25,15 +25,20 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=2.0, ge=0, description="how long the batcher waits to fill a batch")
     max_queue: int = Field(default=4096, ge=1, description="queued texts beyond which requests get 429")
     embedding_cache_size: int = Field(default=65536, ge=0, description="LRU entries of encoded texts")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with 429 and 503")
 
     # --- request limits
     max_items_per_request: int = Field(default=1024, ge=1)
     max_text_chars: int = Field(default=20000, ge=1)
     max_comparisons_per_request: int = Field(default=512, ge=1)
     max_comparisons_per_user: int = Field(default=2000, ge=1, description="stored per user; oldest dropped")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="request bodies above this get 413")
 
     # --- user fitting
     prior_strength: float = Field(default=1.0, gt=0, description="Gaussian prior on logits around the population")
+    feature_cache_size: int = Field(
+        default=20000, ge=0, description="encoded comparisons kept in memory so a refit does not re-encode them"
+    )
 
     # --- state
     redis_url: str | None = Field(
@@ -43,6 +48,10 @@ class Settings(BaseSettings):
     )
     redis_data_dir: Path = Field(default=Path("runs/redis"), description="embedded Redis data (persisted)")
     redis_prefix: str = Field(default="pal", description="key namespace")
+    redis_timeout_s: float = Field(default=1.0, gt=0, description="per-command timeout; /score falls back past it")
+    weights_cache_size: int = Field(
+        default=100000, ge=0, description="user weights kept in memory to keep scoring personalized if Redis is down"
+    )
 
     # --- HTTP
     host: str = "127.0.0.1"

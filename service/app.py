@@ -1,0 +1,222 @@
+"""create_app(settings): wiring, lifespan (model, Redis, batcher), health/info/metrics and error handling.
+
+All mutable state (scorer, pipeline, Redis client, metrics registry) is created in the lifespan and hangs off
+`app.state`; nothing is global, so several apps can live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.batcher import QueueFull
+from service.config import Settings
+from service.metrics import Metrics, MetricsMiddleware
+from service.pipeline import Pipeline, StoreUnavailable, UnknownUser
+from service.redis_conn import RedisHandle, connect
+from service.routes import ClientDisconnected, router
+from service.schemas import Health, Info, LimitError
+from service.store import UserStore
+
+if TYPE_CHECKING:
+    from models.scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+
+def load_scorer(settings: Settings) -> Scorer:
+    from models.scorer import Scorer
+
+    return Scorer.load(
+        settings.bundle_dir,
+        provider=settings.provider,
+        fp16=settings.fp16,
+        intra_op_threads=settings.intra_op_threads,
+        max_batch_tokens=settings.max_batch_tokens,
+        cache_size=settings.embedding_cache_size,
+    )
+
+
+class BodyLimit:
+    """Pure ASGI: refuse bodies whose Content-Length is past Settings.max_body_bytes before reading them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                detail = f"request body of {int(length)} bytes; the limit is {self.max_bytes} (PAL_MAX_BODY_BYTES)"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _start(app: FastAPI, settings: Settings, store: UserStore, scorer: Scorer | None) -> None:
+    """Load and warm the model off the event loop, then start batching and the user-state migration."""
+    try:
+        if scorer is None:
+            scorer = await asyncio.to_thread(load_scorer, settings)
+        await asyncio.to_thread(scorer.warmup)
+        pipeline = Pipeline(scorer, store, settings, app.state.metrics)
+        app.state.metrics.watch(lambda: {"queue_depth": pipeline.batcher.queue_depth}, pipeline.cache_stats)
+        pipeline.start()
+        app.state.pipeline = pipeline
+        app.state.metrics.ready.set(1)
+        log.info("model %s ready on %s (K=%d)", scorer.meta.version, scorer.provider, scorer.meta.pal.k)
+    except Exception as e:
+        log.exception("loading the model failed")
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        return
+    await pipeline.migrate(retry_s=settings.retry_after_s * 5)
+
+
+def _lifespan(settings: Settings, scorer: Scorer | None):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.metrics = Metrics()
+        app.state.pipeline = None
+        app.state.load_error = None
+        redis: RedisHandle = await connect(settings)
+        app.state.redis = redis
+        store = UserStore(redis.client, settings.redis_prefix, settings.max_comparisons_per_user)
+        app.state.store = store
+        app.state.startup = asyncio.create_task(_start(app, settings, store, scorer), name="pal-startup")
+        try:
+            yield
+        finally:
+            app.state.startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app.state.startup
+            if app.state.pipeline is not None:
+                await app.state.pipeline.close()
+            await redis.close()
+
+    return lifespan
+
+
+def _retry_after(settings: Settings) -> dict[str, str]:
+    return {"Retry-After": str(settings.retry_after_s)}
+
+
+def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(LimitError)
+    async def _limit(_: Request, exc: LimitError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+        request.app.state.metrics.queue_full.inc()
+        return JSONResponse({"detail": f"busy: {exc}"}, status_code=429, headers=_retry_after(settings))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"user state store unavailable: {exc}"}, status_code=503, headers=_retry_after(settings)
+        )
+
+    @app.exception_handler(UnknownUser)
+    async def _unknown(_: Request, exc: UnknownUser) -> JSONResponse:
+        return JSONResponse({"detail": f"no state stored for user {exc.args[0]!r}"}, status_code=404)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
+    """The ASGI app. `scorer`: an already loaded Scorer (tests share one); None loads Settings.bundle_dir."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="pal-rm",
+        summary="Pluralistic (PAL) reward model: score responses per user, adapt users from a few comparisons",
+        version="1",
+        lifespan=_lifespan(settings, scorer),
+    )
+    _install_error_handlers(app, settings)
+    app.include_router(router)
+    from service.protocols import PROTOCOL_ROUTERS
+
+    for protocol_router in PROTOCOL_ROUTERS:
+        app.include_router(protocol_router)
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}}, summary="200 once warm")
+    async def health(request: Request) -> JSONResponse:
+        pipeline: Pipeline | None = request.app.state.pipeline
+        ready = pipeline is not None and pipeline.ready
+        if request.app.state.load_error:
+            redis_state = "unknown"
+            status = f"model failed to load: {request.app.state.load_error}"
+        else:
+            try:
+                await request.app.state.store.ping()
+                redis_state = "ok"
+            except Exception as e:  # health reports, it never fails
+                redis_state = f"unreachable: {type(e).__name__}"
+            status = "ok" if ready else "loading"
+        body = Health(status=status, model_loaded=pipeline is not None, warm=ready, redis=redis_state)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @app.get("/info", response_model=Info, summary="Model version, K, encoder, provider and limits")
+    async def info(request: Request) -> Info:
+        from service.deps import get_pipeline
+
+        pipeline = get_pipeline(request)
+        meta = pipeline.scorer.meta
+        s = request.app.state.settings
+        return Info(
+            model_version=pipeline.version,
+            form=meta.pal.form,
+            k=meta.pal.k,
+            encoder=meta.encoder.model_dump(),
+            provider=pipeline.scorer.provider,
+            limits={
+                "max_items_per_request": s.max_items_per_request,
+                "max_text_chars": s.max_text_chars,
+                "max_comparisons_per_request": s.max_comparisons_per_request,
+                "max_comparisons_per_user": s.max_comparisons_per_user,
+                "max_queue": s.max_queue,
+                "max_batch_tokens": s.max_batch_tokens,
+                "max_wait_ms": s.max_wait_ms,
+                "max_body_bytes": s.max_body_bytes,
+            },
+            seen_users=len(pipeline.seen),
+        )
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=lambda: getattr(app.state, "metrics", None))
+    return app

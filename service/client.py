@@ -1,0 +1,435 @@
+"""Python client for a pal-rm server: sync (`PalClient`) and async (`AsyncPalClient`), needing only httpx.
+
+- batching: many items are sent as requests of at most `batch_size` items (async: several in flight);
+- retries with exponential backoff and jitter on connection errors, 429 and 503 (honouring Retry-After);
+  read timeouts and dropped connections are retried too, but only for idempotent calls (scoring), never for
+  `adapt`, which stores comparisons;
+- timeouts on every request, typed results, `PalError` with the server's message on 4xx.
+
+Scoring never changes server state, so a retried scoring call is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+Json = dict[str, Any]
+MessageList = Sequence[Mapping[str, Any]]
+# A prompt or response: a string, or chat messages (for the /score/chat route).
+ChatText = str | Mapping[str, Any] | MessageList
+
+
+class PalError(Exception):
+    """The server answered with an error that retrying will not fix (or retries ran out)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class PalUnavailable(PalError):
+    """No usable answer after all retries: the server is unreachable, overloaded (429) or not ready (503)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    reward: float
+    user_id: str | None
+    personalized: bool
+    truncated: bool
+    prototype_rewards: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    model_version: str
+    results: list[Score]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [r.reward for r in self.results]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: attempt n waits uniform(cap/2, cap), cap = min(max_s, base_s * 2**n).
+
+    A Retry-After from the server replaces the computed wait (capped at `max_retry_after_s`), plus up to 10%
+    jitter so that clients told the same number do not come back in lockstep.
+    """
+
+    max_retries: int = 5
+    base_s: float = 0.2
+    max_s: float = 10.0
+    max_retry_after_s: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        if retry_after is not None:
+            wait = min(max(retry_after, 0.0), self.max_retry_after_s)
+            return wait * (1.0 + 0.1 * rng.random())
+        cap = min(self.max_s, self.base_s * 2.0**attempt)
+        return rng.uniform(cap / 2, cap)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds (integers; decimals accepted) or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+_ALWAYS_RETRY_STATUS = frozenset({429, 503})  # the server did not process the request
+_IDEMPOTENT_RETRY_STATUS = frozenset({502, 504})  # a proxy gave up; the request may have run
+_NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("message", "detail", "error"):
+            if body.get(key):
+                value = body[key]
+                return value if isinstance(value, str) else str(value)
+    return str(body)[:500]
+
+
+@dataclass
+class _Attempt:
+    """What to do after one try: return the JSON, raise, or wait `delay` seconds and try again."""
+
+    result: Json | None = None
+    error: PalError | None = None
+    delay: float | None = None
+
+
+def _judge(
+    response: httpx.Response | None,
+    exc: Exception | None,
+    attempt: int,
+    idempotent: bool,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> _Attempt:
+    last = attempt >= policy.max_retries
+    if exc is not None:
+        retryable = isinstance(exc, _NOT_SENT_ERRORS) or (idempotent and isinstance(exc, httpx.TransportError))
+        if not retryable:
+            return _Attempt(error=PalError(None, f"request failed and is not safe to retry: {exc!r}"))
+        if last:
+            return _Attempt(error=PalUnavailable(None, f"gave up after {attempt + 1} attempts: {exc!r}"))
+        return _Attempt(delay=policy.delay(attempt, None, rng))
+    assert response is not None
+    status = response.status_code
+    if status < 400:
+        try:
+            return _Attempt(result=response.json())
+        except ValueError:
+            return _Attempt(error=PalError(status, "server answered with a body that is not JSON"))
+    if status in _ALWAYS_RETRY_STATUS or (idempotent and status in _IDEMPOTENT_RETRY_STATUS):
+        if last:
+            return _Attempt(
+                error=PalUnavailable(status, f"gave up after {attempt + 1} attempts: {_error_message(response)}")
+            )
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        return _Attempt(delay=policy.delay(attempt, retry_after, rng))
+    return _Attempt(error=PalError(status, _error_message(response)))
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _item_json(item: Mapping[str, Any] | Sequence[Any]) -> Json:
+    """An item as a mapping {prompt, response, user_id} or a tuple (prompt, response[, user_id])."""
+    if isinstance(item, Mapping):
+        return {k: item[k] for k in ("prompt", "response", "user_id", "messages") if item.get(k) is not None}
+    prompt, response, *rest = item
+    out: Json = {"prompt": prompt, "response": response}
+    if rest and rest[0] is not None:
+        out["user_id"] = rest[0]
+    return out
+
+
+def _score_batch(body: Json) -> ScoreBatch:
+    try:
+        results = [
+            Score(
+                reward=float(r["reward"]),
+                user_id=r.get("user_id"),
+                personalized=bool(r["personalized"]),
+                truncated=bool(r["truncated"]),
+                prototype_rewards=r.get("prototype_rewards"),
+            )
+            for r in body["results"]
+        ]
+        return ScoreBatch(model_version=str(body["model_version"]), results=results)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PalError(None, f"unexpected /score answer: {e!r}") from e
+
+
+def _merge(batches: list[ScoreBatch]) -> ScoreBatch | None:
+    """All chunks of one call, or None when a new model was deployed between chunks (rewards not comparable)."""
+    versions = {b.model_version for b in batches}
+    if len(versions) > 1:
+        return None
+    return ScoreBatch(batches[0].model_version, [r for b in batches for r in b.results])
+
+
+@dataclass
+class _Config:
+    url: str
+    api_key: str | None = None
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    batch_size: int = 256
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.url = self.url.rstrip("/")
+
+    def client_kwargs(self) -> Json:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return {
+            "base_url": self.url,
+            "headers": headers,
+            "timeout": httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+        }
+
+
+def _score_path(chat: bool) -> str:
+    return "/score/chat" if chat else "/score"
+
+
+def _score_body(items: Sequence[Any], with_prototypes: bool) -> Json:
+    return {"items": [_item_json(it) for it in items], "return_prototypes": with_prototypes}
+
+
+class PalClient:
+    """Blocking client. Thread-safe (one httpx.Client underneath); use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
+        batch_size: int = 256,
+        retry: RetryPolicy | None = None,
+        seed: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = _Config(url, api_key, timeout_s, connect_timeout_s, batch_size, retry or RetryPolicy(), seed)
+        self._http = httpx.Client(**self.config.client_kwargs())
+        self._rng = random.Random(seed)
+        self._sleep = sleep
+
+    def __enter__(self) -> PalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, body: Json | None = None, idempotent: bool = True) -> Json:
+        attempt = 0
+        while True:
+            response, exc = None, None
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.HTTPError as e:
+                exc = e
+            outcome = _judge(response, exc, attempt, idempotent, self.config.retry, self._rng)
+            if outcome.error is not None:
+                raise outcome.error
+            if outcome.result is not None:
+                return outcome.result
+            assert outcome.delay is not None
+            self._sleep(outcome.delay)
+            attempt += 1
+
+    # --- scoring (idempotent) ---------------------------------------------------------------------------------
+
+    def score(self, items: Sequence[Any], with_prototypes: bool = False, chat: bool = False) -> ScoreBatch:
+        """Rewards for items {prompt, response, user_id?} or tuples (prompt, response[, user_id]).
+
+        `chat=True` sends them to /score/chat, where prompt and response may be chat messages or templated
+        text and are rendered with the checkpoint's chat template.
+        """
+        if not items:
+            raise ValueError("no items to score")
+        for _ in range(2):
+            batches = [
+                _score_batch(self.request("POST", _score_path(chat), _score_body(chunk, with_prototypes)))
+                for chunk in _chunks(items, self.config.batch_size)
+            ]
+            merged = _merge(batches)
+            if merged is not None:
+                return merged
+        raise PalError(None, "the model version changed twice during one call; retry later")
+
+    def score_chat(self, items: Sequence[Any], with_prototypes: bool = False) -> ScoreBatch:
+        return self.score(items, with_prototypes=with_prototypes, chat=True)
+
+    def get_reward(
+        self, query: Sequence[str], prompts: Sequence[str] | None = None, labels: Sequence[str | None] | None = None
+    ) -> Json:
+        """OpenRLHF remote-RM call, batched; returns {"rewards", "scores", "extra_logs"} for all queries."""
+        out: Json = {"rewards": [], "scores": [], "extra_logs": {}}
+        for start in range(0, len(query), self.config.batch_size):
+            end = start + self.config.batch_size
+            body: Json = {"query": list(query[start:end])}
+            if prompts is not None:
+                body["prompts"] = list(prompts[start:end])
+            if labels is not None:
+                body["labels"] = list(labels[start:end])
+            part = self.request("POST", "/get_reward", body)
+            out["rewards"] += part["rewards"]
+            out["scores"] += part["scores"]
+            for key, values in part.get("extra_logs", {}).items():
+                out["extra_logs"].setdefault(key, []).extend(values)
+        return out
+
+    def classify(self, inputs: str | Sequence[str], model: str | None = None) -> list[float]:
+        """Population rewards through the vLLM-style /classify route (data[i].probs[0])."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        rewards: list[float] = []
+        for chunk in _chunks(texts, self.config.batch_size):
+            body: Json = {"input": list(chunk)} | ({"model": model} if model else {})
+            rewards += [float(d["probs"][0]) for d in self.request("POST", "/classify", body)["data"]]
+        return rewards
+
+    # --- users -----------------------------------------------------------------------------------------------
+
+    def adapt(self, user_id: str, comparisons: Sequence[Mapping[str, str]]) -> Json:
+        """Store comparisons {prompt, chosen, rejected} for a user and refit; not retried once sent."""
+        body = {"comparisons": [dict(c) for c in comparisons]}
+        return self.request("POST", f"/users/{quote(user_id, safe='')}/adapt", body, idempotent=False)
+
+    def user(self, user_id: str) -> Json:
+        return self.request("GET", f"/users/{quote(user_id, safe='')}")
+
+    def delete_user(self, user_id: str) -> Json:
+        return self.request("DELETE", f"/users/{quote(user_id, safe='')}")
+
+    def info(self) -> Json:
+        return self.request("GET", "/info")
+
+    def wait_ready(self, timeout_s: float = 60.0) -> Json:
+        """Poll /health until the model is loaded and warm."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.request("GET", "/health")
+            except PalError:
+                if time.monotonic() > deadline:
+                    raise
+                self._sleep(0.5)
+
+
+class AsyncPalClient:
+    """asyncio client: the same calls as PalClient, chunks of one call sent `max_concurrency` at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
+        batch_size: int = 256,
+        max_concurrency: int = 4,
+        retry: RetryPolicy | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = _Config(url, api_key, timeout_s, connect_timeout_s, batch_size, retry or RetryPolicy(), seed)
+        self._http = httpx.AsyncClient(**self.config.client_kwargs())
+        self._rng = random.Random(seed)
+        self._max_concurrency = max(1, max_concurrency)
+
+    async def __aenter__(self) -> AsyncPalClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, body: Json | None = None, idempotent: bool = True) -> Json:
+        attempt = 0
+        while True:
+            response, exc = None, None
+            try:
+                response = await self._http.request(method, path, json=body)
+            except httpx.HTTPError as e:
+                exc = e
+            outcome = _judge(response, exc, attempt, idempotent, self.config.retry, self._rng)
+            if outcome.error is not None:
+                raise outcome.error
+            if outcome.result is not None:
+                return outcome.result
+            assert outcome.delay is not None
+            await asyncio.sleep(outcome.delay)
+            attempt += 1
+
+    async def _gather(self, path: str, bodies: list[Json]) -> list[Json]:
+        gate = asyncio.Semaphore(self._max_concurrency)
+
+        async def one(body: Json) -> Json:
+            async with gate:
+                return await self.request("POST", path, body)
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+    async def score(self, items: Sequence[Any], with_prototypes: bool = False, chat: bool = False) -> ScoreBatch:
+        if not items:
+            raise ValueError("no items to score")
+        bodies = [_score_body(chunk, with_prototypes) for chunk in _chunks(items, self.config.batch_size)]
+        for _ in range(2):
+            merged = _merge([_score_batch(b) for b in await self._gather(_score_path(chat), bodies)])
+            if merged is not None:
+                return merged
+        raise PalError(None, "the model version changed twice during one call; retry later")
+
+    async def score_chat(self, items: Sequence[Any], with_prototypes: bool = False) -> ScoreBatch:
+        return await self.score(items, with_prototypes=with_prototypes, chat=True)
+
+    async def classify(self, inputs: str | Sequence[str], model: str | None = None) -> list[float]:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        extra: Json = {"model": model} if model else {}
+        bodies = [{"input": list(chunk)} | extra for chunk in _chunks(texts, self.config.batch_size)]
+        return [float(d["probs"][0]) for part in await self._gather("/classify", bodies) for d in part["data"]]
+
+    async def adapt(self, user_id: str, comparisons: Sequence[Mapping[str, str]]) -> Json:
+        body = {"comparisons": [dict(c) for c in comparisons]}
+        return await self.request("POST", f"/users/{quote(user_id, safe='')}/adapt", body, idempotent=False)
+
+    async def info(self) -> Json:
+        return await self.request("GET", "/info")

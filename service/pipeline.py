@@ -1,0 +1,308 @@
+"""The service's internal API: score items for users, adapt / read / forget users.
+
+Routers (ours and service.protocols) call this through `service.deps.get_pipeline`; nothing here knows HTTP.
+Data flows one way: items -> batcher -> scorer (ONNX encoder) -> PAL head with the user's weights (Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from models.head import ComparisonFeatures, fit_user
+from service.batcher import Batcher
+from service.config import Settings
+from service.store import Comparison, StoredFit, UserStore
+
+if TYPE_CHECKING:
+    from models.scorer import Scorer
+    from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_N_USER_LOCKS = 64  # striped per-user locks: bounded memory, and refits of one user never run twice at once
+_ENCODE_CHUNK = 256  # items per batcher call when encoding comparisons, so one big adapt cannot hog the queue
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer; the app turns it into 503 + Retry-After."""
+
+
+class UnknownUser(Exception):
+    """No weights and no comparisons stored for this user."""
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    prompt: str
+    response: str
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    reward: float
+    user_id: str | None
+    personalized: bool  # False: the user had no weights and the population prior was used
+    truncated: bool
+    prototype_rewards: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class UserView:
+    user_id: str
+    fit: StoredFit | None
+    n_comparisons: int
+
+
+class LRU:
+    """A bounded mapping with hit/miss counters (size 0 disables it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any:
+        value = self._d.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        if self.size <= 0:
+            return
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def pop(self, key: Hashable) -> None:
+        self._d.pop(key, None)
+
+
+def _comparison_key(c: Comparison) -> str:
+    return hashlib.blake2b(c.to_json().encode(), digest_size=16).hexdigest()
+
+
+class Pipeline:
+    def __init__(self, scorer: Scorer, store: UserStore, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.scorer = scorer
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.version: str = scorer.meta.version
+        self.k: int = scorer.meta.pal.k
+        self.prior = np.asarray(scorer.meta.prior_weights, dtype=np.float64)
+        self.seen = scorer.seen_users()
+        self.batcher = Batcher(
+            scorer.encode,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            max_length=scorer.meta.encoder.max_length,
+            observe_batch=metrics.observe_batch if metrics else None,
+        )
+        # Weights last read from or written to Redis: keeps users personalized while Redis is unreachable.
+        self._weights = LRU(settings.weights_cache_size)
+        # Encoded comparisons by content hash (this pipeline serves one model version), so refits re-encode nothing.
+        self._features = LRU(settings.feature_cache_size)
+        self._locks = [asyncio.Lock() for _ in range(_N_USER_LOCKS)]
+        self.ready = False
+        self.migration: dict[str, int | str] = {"state": "pending", "seeded": 0, "refitted": 0}
+
+    # --- lifecycle
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+
+    def cache_stats(self) -> dict[str, float]:
+        stats = {f"encoder_{k}": float(v) for k, v in self.scorer.cache_stats().items()}
+        stats.update(
+            features_hits=self._features.hits, features_misses=self._features.misses,
+            weights_hits=self._weights.hits, weights_misses=self._weights.misses,
+        )
+        return stats
+
+    # --- scoring
+
+    async def score(self, items: list[ScoreItem], with_prototypes: bool = False) -> tuple[list[ScoreResult], str]:
+        users = sorted({it.user_id for it in items if it.user_id is not None})
+        enc, weights = await asyncio.gather(
+            self.batcher.encode([it.prompt for it in items], [it.response for it in items]),
+            self._weights_for(users),
+        )
+        w = np.stack([weights.get(it.user_id, self.prior) if it.user_id else self.prior for it in items])
+        rewards = self.scorer.rewards(enc, w)
+        protos = self.scorer.prototype_rewards(enc) if with_prototypes else None
+        results = [
+            ScoreResult(
+                reward=float(rewards[i]),
+                user_id=it.user_id,
+                personalized=it.user_id in weights,
+                truncated=bool(enc.truncated[i]),
+                prototype_rewards=None if protos is None else [float(x) for x in protos[i]],
+            )
+            for i, it in enumerate(items)
+        ]
+        return results, self.version
+
+    async def _weights_for(self, users: list[str]) -> dict[str, np.ndarray]:
+        """Users' fitted weights for this model version; on a Redis failure, the ones cached in memory."""
+        if not users:
+            return {}
+        try:
+            fits = await self.store.get_fits(self.version, users)
+        except RedisError as e:
+            self._redis_error("get_fits", e)
+            return {u: w for u in users if (w := self._weights.get(u)) is not None}
+        out = {u: f.array for u, f in fits.items()}
+        for u, w in out.items():
+            self._weights.put(u, w)
+        return out
+
+    # --- users
+
+    async def adapt(self, user: str, comparisons: list[Comparison]) -> StoredFit:
+        """Store the comparisons, refit from all the user's stored comparisons, write and return the fit."""
+        try:
+            seq = await self.store.append_comparisons(user, comparisons)
+            return await self._refit(user, min_seq=seq)
+        except RedisError as e:
+            self._redis_error("adapt", e)
+            raise StoreUnavailable(str(e)) from e
+
+    async def get_user(self, user: str) -> UserView:
+        try:
+            fit = await self.store.get_fit(self.version, user)
+            n = await self.store.count_comparisons(user)
+            if n and (fit is None or fit.source != "adapt"):
+                # Comparisons but no fit for this model version (a new deploy): refit now.
+                fit = await self._refit(user, min_seq=1)
+        except RedisError as e:
+            self._redis_error("get_user", e)
+            raise StoreUnavailable(str(e)) from e
+        if fit is None and n == 0:
+            raise UnknownUser(user)
+        if fit is not None:
+            self._weights.put(user, fit.array)
+        return UserView(user, fit, n)
+
+    async def delete_user(self, user: str) -> bool:
+        self._weights.pop(user)
+        try:
+            existed = await self.store.delete_user(user)
+        except RedisError as e:
+            self._redis_error("delete_user", e)
+            raise StoreUnavailable(str(e)) from e
+        self._weights.pop(user)
+        return existed
+
+    def _lock(self, user: str) -> asyncio.Lock:
+        return self._locks[int(hashlib.blake2b(user.encode(), digest_size=4).hexdigest(), 16) % _N_USER_LOCKS]
+
+    async def _refit(self, user: str, min_seq: int) -> StoredFit | None:
+        """Fit from all stored comparisons unless a fit covering append `min_seq` is already stored.
+
+        Concurrent adapts of one user queue on the lock; the first refit usually covers the others' appends,
+        which then return at once with the stored fit instead of fitting again.
+        """
+        async with self._lock(user):
+            current = await self.store.get_fit(self.version, user)
+            if current is not None and current.source == "adapt" and current.seq >= min_seq:
+                return current
+            comparisons, seq = await self.store.read_comparisons(user)
+            if not comparisons:  # deleted meanwhile
+                return None
+            feats = await self._features_for(comparisons)
+            prior = self.seen.get(user, self.prior)
+            t0 = time.perf_counter()
+            result = await asyncio.to_thread(
+                fit_user, self.scorer.head, feats, prior, self.settings.prior_strength
+            )
+            if self.metrics is not None:
+                self.metrics.fit_seconds.observe(time.perf_counter() - t0)
+            fit = StoredFit(
+                weights=[float(x) for x in result.weights],
+                n_fitted=result.n,
+                seq=seq,
+                accuracy=float(result.accuracy),
+                confidence=float(result.confidence),
+                source="adapt",
+                fitted_at=time.time(),
+            )
+            if not await self.store.put_fit_if_newer(self.version, user, fit):
+                # Another replica stored a newer fit, or the user was deleted meanwhile.
+                fit = await self.store.get_fit(self.version, user)
+            if fit is not None:
+                self._weights.put(user, fit.array)
+            return fit
+
+    async def _features_for(self, comparisons: list[Comparison]) -> ComparisonFeatures:
+        keys = [_comparison_key(c) for c in comparisons]
+        rows = [self._features.get(k) for k in keys]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        for start in range(0, len(missing), _ENCODE_CHUNK // 2):
+            idx = missing[start : start + _ENCODE_CHUNK // 2]
+            prompts = [comparisons[i].prompt for i in idx]
+            texts = [comparisons[i].chosen for i in idx] + [comparisons[i].rejected for i in idx]
+            enc = await self.batcher.encode(prompts + prompts, texts)
+            m = len(idx)
+            for j, i in enumerate(idx):
+                protos = None if enc.prompt_prototypes is None else enc.prompt_prototypes[j]
+                rows[i] = (enc.latent[j], enc.latent[m + j], protos)
+                self._features.put(keys[i], rows[i])
+        chosen = np.stack([r[0] for r in rows]).astype(np.float64)
+        rejected = np.stack([r[1] for r in rows]).astype(np.float64)
+        protos = None if rows[0][2] is None else np.stack([r[2] for r in rows]).astype(np.float64)
+        return ComparisonFeatures(chosen=chosen, rejected=rejected, prompt_prototypes=protos)
+
+    # --- start-up state
+
+    async def migrate(self, retry_s: float = 5.0) -> None:
+        """Write the checkpoint's seen users, then refit users that have comparisons but no fit for this
+        model version (a new deploy). Runs in the background; retries while Redis is unreachable."""
+        while True:
+            try:
+                self.migration["state"] = "seeding"
+                self.migration["seeded"] = await self.store.seed_checkpoint_users(self.version, self.seen)
+                self.migration["state"] = "refitting"
+                async for user in self.store.users_with_comparisons():
+                    fit = await self.store.get_fit(self.version, user)
+                    if (fit is None or fit.source != "adapt") and await self._refit(user, min_seq=1) is not None:
+                        self.migration["refitted"] = int(self.migration["refitted"]) + 1
+                self.migration["state"] = "done"
+                log.info("user state ready for %s: %s", self.version, self.migration)
+                return
+            except RedisError as e:
+                self._redis_error("migrate", e)
+                self.migration["state"] = f"waiting for redis: {e}"
+                await asyncio.sleep(retry_s)
+            except Exception as e:  # a refit that fails (e.g. queue full) must not stop the service; retry later
+                log.exception("user migration failed; retrying")
+                self.migration["state"] = f"retrying after error: {type(e).__name__}"
+                await asyncio.sleep(retry_s)
+
+    def _redis_error(self, op: str, e: Exception) -> None:
+        log.warning("redis %s failed: %s", op, e)
+        if self.metrics is not None:
+            self.metrics.redis_errors.labels(op).inc()
+

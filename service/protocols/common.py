@@ -1,0 +1,109 @@
+"""What every protocol route shares: the chat renderer of the loaded bundle, limits, and one scoring call.
+
+All protocols score through `score_pairs`, after turning their inputs into (prompt, response) with the same
+`ChatRenderer`, so the same conversation gets the same reward whichever protocol a trainer uses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from fastapi import HTTPException
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.chat import DEFAULT_STRIP_TOKENS, ChatFormatError, ChatRenderer
+from service.config import Settings
+from service.pipeline import Pipeline, ScoreItem, ScoreResult
+from service.schemas import USER_ID_PATTERN, LimitError
+
+_USER_ID = re.compile(USER_ID_PATTERN)
+
+
+class ProtocolSettings(BaseSettings):
+    """Protocol-only options (PAL_ prefix), kept apart from the service Settings they extend."""
+
+    model_config = SettingsConfigDict(env_prefix="PAL_", extra="ignore")
+
+    strip_tokens: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STRIP_TOKENS),
+        description="pad/BOS/EOS tokens stripped from the edges of texts (JSON list in PAL_STRIP_TOKENS)",
+    )
+    chat_include_system: bool = Field(
+        default=False, description="keep system messages in the default (template-less) chat rendering"
+    )
+
+
+_renderers: dict[tuple[str, int], ChatRenderer] = {}
+
+
+def renderer_for(pipeline: Pipeline) -> ChatRenderer:
+    """One renderer per loaded model (the chat template comes from the bundle)."""
+    key = (pipeline.version, id(pipeline))
+    renderer = _renderers.get(key)
+    if renderer is None:
+        opts = ProtocolSettings()
+        renderer = ChatRenderer(
+            template=getattr(pipeline.scorer.meta, "chat_template", None),
+            include_system=opts.chat_include_system,
+            strip_tokens=tuple(opts.strip_tokens),
+        )
+        _renderers.clear()  # only the current model's renderer is ever needed
+        _renderers[key] = renderer
+    return renderer
+
+
+def unprocessable(message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=message)
+
+
+def check_user_id(value: object, where: str) -> str | None:
+    """A user id from a protocol field that is not typed as one (OpenRLHF labels): None/"" = population."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise unprocessable(f"{where} must be a user id string or null, got {type(value).__name__}")
+    user = str(value)
+    if not _USER_ID.match(user):
+        raise unprocessable(f"{where} = {user[:40]!r} is not a valid user id ([A-Za-z0-9._:@-]{{1,128}})")
+    return user
+
+
+def check_count(n: int, settings: Settings, what: str = "items") -> None:
+    if n == 0:
+        raise unprocessable(f"no {what} to score")
+    if n > settings.max_items_per_request:
+        raise HTTPException(
+            status_code=413,
+            detail=f"{n} {what} in one request; the limit is {settings.max_items_per_request} "
+            "(PAL_MAX_ITEMS_PER_REQUEST)",
+        )
+
+
+def check_text(text: str, where: str, settings: Settings) -> None:
+    if len(text) > settings.max_text_chars:
+        raise unprocessable(
+            f"{where} has {len(text)} characters; the limit is {settings.max_text_chars} (PAL_MAX_TEXT_CHARS)"
+        )
+
+
+async def score_pairs(
+    pipeline: Pipeline,
+    settings: Settings,
+    pairs: Sequence[tuple[str, str, str | None]],
+    with_prototypes: bool = False,
+) -> tuple[list[ScoreResult], str]:
+    """Score canonical (prompt, response, user_id) triples. Reads state only: safe to retry."""
+    for i, (prompt, response, _) in enumerate(pairs):
+        check_text(prompt, f"item {i} prompt (rendered)", settings)
+        check_text(response, f"item {i} response (rendered)", settings)
+    items = [ScoreItem(prompt=p, response=r, user_id=u) for p, r, u in pairs]
+    try:
+        return await pipeline.score(items, with_prototypes=with_prototypes)
+    except LimitError as e:
+        raise HTTPException(status_code=e.status, detail=e.detail) from e
+
+
+def as_422(e: ChatFormatError, where: str) -> HTTPException:
+    return unprocessable(f"{where}: {e}")

@@ -1,0 +1,115 @@
+"""The product routes: /score and /users/{user_id}[/adapt]. Validation -> pipeline -> response, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
+
+from service.auth import require_api_key
+from service.config import Settings
+from service.deps import get_pipeline, get_settings
+from service.pipeline import Pipeline, ScoreItem, UserView
+from service.schemas import (
+    USER_ID_PATTERN,
+    AdaptRequest,
+    AdaptResponse,
+    DeleteResponse,
+    ScoreItemOut,
+    ScoreRequest,
+    ScoreResponse,
+    UserState,
+    check_adapt,
+    check_score,
+)
+from service.store import Comparison, StoredFit
+
+T = TypeVar("T")
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+UserIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=USER_ID_PATTERN)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its queued work was dropped."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so its queued encoder items) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected()
+
+
+def _state(view: UserView, version: str) -> dict:
+    fit: StoredFit | None = view.fit
+    return dict(
+        user_id=view.user_id,
+        model_version=version,
+        weights=None if fit is None else fit.weights,
+        personalized=fit is not None,
+        n_comparisons=view.n_comparisons,
+        n_fitted=0 if fit is None else fit.n_fitted,
+        accuracy=None if fit is None else fit.accuracy,
+        confidence=None if fit is None else fit.confidence,
+        source=None if fit is None else fit.source,
+    )
+
+
+@router.post("/score", response_model=ScoreResponse, summary="Rewards of responses for users (or the prior)")
+async def score(body: ScoreRequest, request: Request, pipeline: PipelineDep, settings: SettingsDep) -> ScoreResponse:
+    check_score(body, settings)
+    items = [ScoreItem(it.prompt, it.response, it.user_id) for it in body.items]
+    results, version = await until_disconnect(request, pipeline.score(items, body.return_prototypes))
+    return ScoreResponse(
+        model_version=version,
+        results=[
+            ScoreItemOut(
+                reward=r.reward, user_id=r.user_id, personalized=r.personalized, truncated=r.truncated,
+                prototype_rewards=r.prototype_rewards,
+            )
+            for r in results
+        ],
+    )
+
+
+@router.post("/users/{user_id}/adapt", response_model=AdaptResponse, summary="Add comparisons and refit the user")
+async def adapt(
+    user_id: UserIdPath, body: AdaptRequest, request: Request, pipeline: PipelineDep, settings: SettingsDep
+) -> AdaptResponse:
+    check_adapt(body, settings)
+    comparisons = [Comparison(c.prompt, c.chosen, c.rejected) for c in body.comparisons]
+    fit = await until_disconnect(request, pipeline.adapt(user_id, comparisons))
+    if fit is None:
+        raise HTTPException(status_code=409, detail=f"user {user_id!r} was deleted while adapting")
+    view = UserView(user_id, fit, fit.n_fitted)
+    return AdaptResponse(**_state(view, pipeline.version), added=len(comparisons))
+
+
+@router.get("/users/{user_id}", response_model=UserState, summary="A user's weights and comparison count")
+async def get_user(user_id: UserIdPath, pipeline: PipelineDep) -> UserState:
+    view = await pipeline.get_user(user_id)
+    return UserState(**_state(view, pipeline.version))
+
+
+@router.delete("/users/{user_id}", response_model=DeleteResponse, summary="Forget the user's comparisons and weights")
+async def delete_user(user_id: UserIdPath, pipeline: PipelineDep) -> DeleteResponse:
+    if not await pipeline.delete_user(user_id):
+        raise HTTPException(status_code=404, detail=f"no state stored for user {user_id!r}")
+    return DeleteResponse(user_id=user_id, deleted=True)
