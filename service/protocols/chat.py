@@ -9,7 +9,7 @@ as through /get_reward or /classify. Plain-string items score exactly as on /sco
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatFormatError
@@ -56,6 +56,7 @@ class ChatScoreRequest(BaseModel):
 )
 async def score_chat(
     req: ChatScoreRequest,
+    request: Request,
     pipeline: Pipeline = Depends(get_pipeline),
     settings: Settings = Depends(get_settings),
 ) -> ScoreResponse:
@@ -78,7 +79,7 @@ async def score_chat(
         except ChatFormatError as e:
             raise as_422(e, f"items[{i}]") from e
         pairs.append((prompt, response, item.user_id))
-    results, version = await score_pairs(pipeline, settings, pairs, with_prototypes=req.return_prototypes)
+    results, version = await score_pairs(request, pipeline, settings, pairs, with_prototypes=req.return_prototypes)
     return ScoreResponse(
         model_version=version,
         results=[

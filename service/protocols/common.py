@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.chat import DEFAULT_STRIP_TOKENS, ChatFormatError, ChatRenderer
 from service.config import Settings
 from service.pipeline import Pipeline, ScoreItem, ScoreResult
+from service.routes import until_disconnect
 from service.schemas import USER_ID_PATTERN, LimitError
 
 _USER_ID = re.compile(USER_ID_PATTERN)
@@ -89,18 +90,22 @@ def check_text(text: str, where: str, settings: Settings) -> None:
 
 
 async def score_pairs(
+    request: Request,
     pipeline: Pipeline,
     settings: Settings,
     pairs: Sequence[tuple[str, str, str | None]],
     with_prototypes: bool = False,
 ) -> tuple[list[ScoreResult], str]:
-    """Score canonical (prompt, response, user_id) triples. Reads state only: safe to retry."""
+    """Score canonical (prompt, response, user_id) triples; a client that disconnects drops its queued work.
+
+    Reads state only, so a client may retry it freely.
+    """
     for i, (prompt, response, _) in enumerate(pairs):
         check_text(prompt, f"item {i} prompt (rendered)", settings)
         check_text(response, f"item {i} response (rendered)", settings)
     items = [ScoreItem(prompt=p, response=r, user_id=u) for p, r, u in pairs]
     try:
-        return await pipeline.score(items, with_prototypes=with_prototypes)
+        return await until_disconnect(request, pipeline.score(items, with_prototypes=with_prototypes))
     except LimitError as e:
         raise HTTPException(status_code=e.status, detail=e.detail) from e
 

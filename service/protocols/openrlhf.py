@@ -14,7 +14,7 @@ Response {"rewards": [...], "scores": [...], "extra_logs": {"personalized": [...
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.chat import ChatFormatError, split_query
@@ -69,6 +69,7 @@ def _as_list(value: object, n: int, name: str) -> list:
 )
 async def get_reward(
     req: GetRewardRequest,
+    request: Request,
     response: Response,
     pipeline: Pipeline = Depends(get_pipeline),
     settings: Settings = Depends(get_settings),
@@ -91,7 +92,7 @@ async def get_reward(
         except ChatFormatError as e:
             raise as_422(e, f"query[{i}]") from e
         pairs.append((canonical_prompt, reply, user))
-    results, version = await score_pairs(pipeline, settings, pairs)
+    results, version = await score_pairs(request, pipeline, settings, pairs)
     response.headers["X-Model-Version"] = version
     rewards = [r.reward for r in results]
     return GetRewardResponse(

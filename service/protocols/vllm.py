@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatFormatError
@@ -84,6 +84,7 @@ def _conversations(req: ClassifyRequest) -> list[list[MessageIn]]:
 )
 async def classify(
     req: ClassifyRequest,
+    request: Request,
     pipeline: Pipeline = Depends(get_pipeline),
     settings: Settings = Depends(get_settings),
 ) -> ClassifyResponse:
@@ -94,7 +95,10 @@ async def classify(
         check_count(len(texts), settings, "inputs")
         for i, text in enumerate(texts):
             check_text(text, f"input[{i}]", settings)
-            prompt, response = renderer.pair_from_text(text)
+            try:
+                prompt, response = renderer.pair_from_text(text)
+            except ChatFormatError as e:
+                raise as_422(e, f"input[{i}]") from e
             pairs.append((prompt, response, None))
     else:
         conversations = _conversations(req)
@@ -105,12 +109,16 @@ async def classify(
             except ChatFormatError as e:
                 raise as_422(e, f"messages[{i}]") from e
             pairs.append((prompt, response, None))
-    results, version = await score_pairs(pipeline, settings, pairs)
+    results, version = await score_pairs(request, pipeline, settings, pairs)
     tokens = await asyncio.to_thread(pipeline.scorer.count_tokens, [t for p, r, _ in pairs for t in (p, r)])
     n_tokens = int(sum(tokens))
 
     def value(reward: float) -> float:
-        return 1.0 / (1.0 + math.exp(-reward)) if req.activation else reward
+        if not req.activation:
+            return reward
+        # Stable for any sign: PAL-A rewards (negative squared distances) can be far below -709.
+        z = math.exp(-abs(reward))
+        return 1.0 / (1.0 + z) if reward >= 0 else z / (1.0 + z)
 
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",

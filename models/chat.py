@@ -1,0 +1,394 @@
+"""Chat text for scoring: turn whatever a trainer sends into the (prompt, response) pair the scorer embeds.
+
+Every RLHF protocol (chat scoring, OpenRLHF /get_reward, vLLM-style /classify, the TRL and verl adapters)
+goes through this module, so one conversation gets one score whichever way it arrives:
+
+- as message lists [{"role", "content"}]: rendered with the checkpoint's chat template when the bundle has
+  one, else with the default renderer below;
+- as text already templated by the *policy's* chat template (ChatML, Llama-3, Gemma, Phi/Zephyr,
+  Llama-2/Mistral [INST]): parsed back into messages, then rendered as above;
+- as plain strings: passed through, minus pad/BOS/EOS tokens at the edges.
+
+Default renderer (no template in the bundle; MiniLM has none). It keeps a single-turn prompt byte-identical to
+the plain string the head was trained on:
+- one user turn -> its text, unchanged;
+- several turns -> "User: ...\\n\\nAssistant: ...\\n\\nUser: ..." (role names capitalised, turns joined by a
+  blank line);
+- system messages are dropped unless `include_system=True`: policy templates inject boilerplate system
+  prompts ("You are a helpful assistant.") that the trainer never wrote, and keeping them would make a
+  templated OpenRLHF query score differently from the same conversation sent as messages by TRL;
+- the response is the final assistant message's text.
+
+No torch here (serving path). jinja2 is needed only when a bundle actually carries a chat template.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+Message = Mapping[str, Any]
+
+# Pad, BOS, EOS and end-of-turn tokens of common tokenizers. Stripped only at the edges of a text: inside a
+# templated conversation the end-of-turn markers still delimit turns.
+DEFAULT_STRIP_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|begin_of_text|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<｜end▁of▁sentence｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "[PAD]",
+    "[CLS]",
+    "[SEP]",
+)
+
+
+class ChatFormatError(ValueError):
+    """Input that cannot be turned into a (prompt, response) pair; the message says what is wrong."""
+
+
+def message_text(message: Message) -> str:
+    """The text of one message: a string, or OpenAI-style content parts [{"type": "text", "text": ...}]."""
+    if not isinstance(message, Mapping):
+        raise ChatFormatError(f"a message must be an object with 'role' and 'content', got {type(message).__name__}")
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise ChatFormatError("only text content parts can be scored")
+        return "".join(parts)
+    raise ChatFormatError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def message_role(message: Message) -> str:
+    role = message.get("role") if isinstance(message, Mapping) else None
+    if not isinstance(role, str) or not role.strip():
+        raise ChatFormatError("every message needs a non-empty string 'role'")
+    role = role.strip().lower()
+    return "assistant" if role == "model" else role
+
+
+def strip_special(text: str, tokens: Sequence[str] = DEFAULT_STRIP_TOKENS) -> str:
+    """Remove whitespace and any of `tokens` repeated at either end (left padding, BOS, EOS, right padding)."""
+    start, end = 0, len(text)
+    changed = True
+    while changed:
+        changed = False
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        for tok in tokens:
+            if tok and text.startswith(tok, start, end):
+                start += len(tok)
+                changed = True
+            if tok and end - start >= len(tok) and text.endswith(tok, start, end):
+                end -= len(tok)
+                changed = True
+    return text[start:end]
+
+
+# --- parsing text templated by a policy's chat template --------------------------------------------------------
+
+_Turn = tuple[str, str]  # (role, content)
+
+
+def _regex_turns(pattern: str) -> Callable[[str], list[tuple[int, int, list[_Turn]]] | None]:
+    compiled = re.compile(pattern, re.DOTALL)
+
+    def parse(text: str) -> list[tuple[int, int, list[_Turn]]] | None:
+        found = [(m.start(), m.end(), [(m["role"], m["content"])]) for m in compiled.finditer(text)]
+        return found or None
+
+    return parse
+
+
+def _inst_turns(text: str) -> list[tuple[int, int, list[_Turn]]] | None:
+    """Llama-2 / Mistral: [INST] user [/INST] answer</s>[INST] ... with an optional <<SYS>> block."""
+    found = []
+    for m in re.finditer(r"\[INST\](?P<user>.*?)\[/INST\](?P<answer>.*?)(?=(?:<s>)?\s*\[INST\]|\Z)", text, re.DOTALL):
+        user = m["user"]
+        turns: list[_Turn] = []
+        sys_match = re.match(r"\s*<<SYS>>\n?(?P<sys>.*?)\n?<</SYS>>\s*(?P<rest>.*)", user, re.DOTALL)
+        if sys_match:
+            turns.append(("system", sys_match["sys"]))
+            user = sys_match["rest"]
+        turns.append(("user", user))
+        turns.append(("assistant", m["answer"]))
+        found.append((m.start(), m.end(), turns))
+    return found or None
+
+
+# Each entry: (marker that must occur in the text, parser). An open turn (no end marker yet, e.g. the
+# generation prompt "<|im_start|>assistant\n") runs to the next turn or the end of the text.
+_MARKUPS: tuple[tuple[str, Callable[[str], list[tuple[int, int, list[_Turn]]] | None]], ...] = (
+    (
+        "<|im_start|>",
+        _regex_turns(r"<\|im_start\|>(?P<role>[^\n]*)\n(?P<content>.*?)(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)"),
+    ),
+    (
+        "<|start_header_id|>",
+        _regex_turns(
+            r"<\|start_header_id\|>(?P<role>.*?)<\|end_header_id\|>\n?\n?(?P<content>.*?)"
+            r"(?:<\|eot_id\|>|(?=<\|start_header_id\|>)|\Z)"
+        ),
+    ),
+    (
+        "<start_of_turn>",
+        _regex_turns(r"<start_of_turn>(?P<role>[^\n]*)\n(?P<content>.*?)(?:<end_of_turn>|(?=<start_of_turn>)|\Z)"),
+    ),
+    (
+        "<|user|>",
+        _regex_turns(
+            r"<\|(?P<role>system|user|assistant)\|>\n?(?P<content>.*?)"
+            r"(?:<\|end\|>|</s>|(?=<\|(?:system|user|assistant)\|>)|\Z)"
+        ),
+    ),
+    ("[INST]", _inst_turns),
+)
+
+
+def parse_chat_markup(text: str, strip_tokens: Sequence[str] = DEFAULT_STRIP_TOKENS) -> list[dict[str, str]] | None:
+    """Messages of a text templated by a known chat template, or None when it is not (plain text).
+
+    A trailing assistant turn is kept even when empty: it is the generation prompt of a templated prompt, or
+    the response of a templated prompt+response. Text outside the turns may only be whitespace and special
+    tokens; anything else means the markup is not what it looks like, and the text is treated as plain.
+    """
+    for marker, parse in _MARKUPS:
+        if marker not in text:
+            continue
+        found = parse(text)
+        if not found:
+            continue
+        outside, pos = [], 0
+        for start, end, _ in found:
+            outside.append(text[pos:start])
+            pos = end
+        outside.append(text[pos:])
+        if any(strip_special(gap, strip_tokens) for gap in outside):
+            continue
+        messages = []
+        for _, _, turns in found:
+            for role, content in turns:
+                role = role.strip().lower()
+                role = "assistant" if role == "model" else role
+                messages.append({"role": role, "content": strip_special(content, strip_tokens)})
+        return messages
+    return None
+
+
+# --- rendering ------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _compile_template(template: str) -> Any:
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover - jinja2 is in the serve extra
+        raise RuntimeError("this bundle has a chat template: rendering it needs jinja2 (pip install jinja2)") from e
+
+    def raise_exception(message: str) -> None:
+        raise ChatFormatError(f"chat template refused the conversation: {message}")
+
+    # Same environment options as transformers' apply_chat_template, so the text matches the tokenizer's.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise RuntimeError(f"the bundle's chat template does not compile: {e}") from e
+
+
+def _default_prompt(messages: Sequence[Message], include_system: bool) -> str:
+    turns = [(message_role(m), message_text(m)) for m in messages]
+    if not include_system:
+        turns = [(r, t) for r, t in turns if r != "system"]
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1]
+    return "\n\n".join(f"{role.capitalize()}: {text}" for role, text in turns)
+
+
+@dataclass(frozen=True)
+class ChatRenderer:
+    """Renders conversations the way the checkpoint expects; one instance per loaded bundle."""
+
+    template: str | None = None
+    include_system: bool = False
+    strip_tokens: tuple[str, ...] = DEFAULT_STRIP_TOKENS
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        msgs = [{"role": message_role(m), "content": message_text(m)} for m in messages]
+        try:
+            return _compile_template(self.template).render(
+                messages=msgs,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except ChatFormatError:
+            raise
+        except Exception as e:  # a template bug on some input must be the caller's 4xx, not a crash
+            raise ChatFormatError(f"chat template failed on this conversation: {e}") from e
+
+    def prompt(self, messages: Sequence[Message]) -> str:
+        """The prompt text for the turns before the response (a generation prompt is added by templates)."""
+        if not messages:
+            return ""
+        if self.template is None:
+            return _default_prompt(messages, self.include_system)
+        return self._render(messages, add_generation_prompt=True)
+
+    def pair(self, messages: Sequence[Message]) -> tuple[str, str]:
+        """(prompt, response) of a conversation whose last message is the assistant response to score."""
+        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+            raise ChatFormatError("a conversation must be a non-empty list of messages")
+        last = messages[-1]
+        if message_role(last) != "assistant":
+            raise ChatFormatError("the last message of a conversation to score must have role 'assistant'")
+        prompt = self.prompt(messages[:-1])
+        response = message_text(last)
+        if self.template is not None:
+            full = self._render(messages, add_generation_prompt=False)
+            # Templates that rewrite earlier turns (e.g. drop reasoning) break the prefix property; the raw
+            # assistant text is then the honest response.
+            if full.startswith(prompt):
+                response = full[len(prompt) :]
+        return prompt, strip_special(response, self.strip_tokens)
+
+    def prompt_from_text(self, text: str) -> str:
+        """Canonical prompt for a prompt string: templated text is parsed and re-rendered, plain text kept."""
+        messages = parse_chat_markup(text, self.strip_tokens)
+        if messages is None:
+            return strip_special(text, self.strip_tokens)
+        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+            messages = messages[:-1]  # the generation prompt
+        return self.prompt(messages)
+
+    def response_from_text(self, text: str) -> str:
+        return strip_special(text, self.strip_tokens)
+
+    def pair_from_text(self, text: str) -> tuple[str, str]:
+        """(prompt, response) of one templated prompt+response string; plain text is all response."""
+        messages = parse_chat_markup(text, self.strip_tokens)
+        if messages is None or messages[-1]["role"] != "assistant":
+            return "", strip_special(text, self.strip_tokens)
+        return self.pair(messages)
+
+    def prompt_any(self, prompt: str | Sequence[Message]) -> str:
+        """A prompt given as a string (plain or templated) or as a list of messages."""
+        if isinstance(prompt, str):
+            return self.prompt_from_text(prompt)
+        if isinstance(prompt, Sequence):
+            return self.prompt(prompt)
+        raise ChatFormatError("a prompt must be a string or a list of messages")
+
+    def response_any(self, response: str | Message | Sequence[Message]) -> str:
+        """A response given as a string, one assistant message, or a list of messages ending with it (TRL)."""
+        if isinstance(response, str):
+            return self.response_from_text(response)
+        if isinstance(response, Mapping):
+            return strip_special(message_text(response), self.strip_tokens)
+        if isinstance(response, Sequence) and response:
+            last = response[-1]
+            if message_role(last) != "assistant":
+                raise ChatFormatError("a completion given as messages must end with an 'assistant' message")
+            return strip_special(message_text(last), self.strip_tokens)
+        raise ChatFormatError("a response must be a string, an assistant message or a non-empty list of messages")
+
+
+# --- splitting a prompt+response string by its known prompt (OpenRLHF queries) ---------------------------------
+
+# Template markers skipped, like whitespace, when a query is matched against its prompt loosely: decoding with
+# skip_special_tokens drops them from one side only, and templates differ in the newlines around them.
+MARKUP_TOKENS: tuple[str, ...] = (
+    "<|im_start|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<start_of_turn>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+)
+
+
+@lru_cache(maxsize=8)
+def _skip_pattern(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = [re.escape(t) for t in sorted(set(tokens), key=len, reverse=True) if t]
+    return re.compile("|".join([*alternatives, r"\s+"]))
+
+
+def _visible(text: str, tokens: tuple[str, ...]) -> tuple[str, list[int]]:
+    """The text without whitespace and special tokens, and the index in `text` of every character kept."""
+    chars: list[str] = []
+    index: list[int] = []
+    pos = 0
+    for m in _skip_pattern(tokens).finditer(text):
+        chars.append(text[pos : m.start()])
+        index.extend(range(pos, m.start()))
+        pos = m.end()
+    chars.append(text[pos:])
+    index.extend(range(pos, len(text)))
+    return "".join(chars), index
+
+
+def _response_only(rest: str, tokens: Sequence[str]) -> str:
+    """The remainder after the prompt, minus a generation prompt the prompt string did not carry."""
+    rest = strip_special(rest, tokens)
+    turns = parse_chat_markup(rest, tokens)
+    if turns is not None and len(turns) == 1 and turns[0]["role"] == "assistant":
+        return turns[0]["content"]
+    return rest
+
+
+def split_query(query: str, prompt: str, strip_tokens: Sequence[str] = DEFAULT_STRIP_TOKENS) -> tuple[str, str]:
+    """Split `query` (= prompt + response, templated, maybe padded) into (prompt, response) using `prompt`.
+
+    Tried in order: exact prefix after stripping pad/BOS/EOS at the edges; prefix ignoring whitespace and
+    special/markup tokens (templates and decoders disagree on both); the query's own chat markup, when its
+    prompt turns carry the same text as `prompt`. Raises ChatFormatError when none applies.
+    """
+    tokens = tuple(strip_tokens)
+    q, p = strip_special(query, tokens), strip_special(prompt, tokens)
+    if q.startswith(p):
+        return p, _response_only(q[len(p) :], tokens)
+    skip = tokens + MARKUP_TOKENS
+    pv, _ = _visible(p, skip)
+    qv, q_index = _visible(q, skip)
+    if pv and qv.startswith(pv):
+        cut = q_index[len(pv) - 1] + 1
+        return p, _response_only(q[cut:], tokens)
+    turns = parse_chat_markup(q, tokens)
+    if turns and turns[-1]["role"] == "assistant" and len(turns) > 1:
+        prior = turns[:-1]
+        without_system = [t for t in prior if t["role"] != "system"]
+        candidates = ["".join(t["content"] for t in prior), "".join(t["content"] for t in without_system)]
+        if pv in {_visible(c, skip)[0] for c in candidates}:
+            return p, turns[-1]["content"]
+    raise ChatFormatError(f"query does not start with its prompt (prompt begins {p[:60]!r}, query begins {q[:60]!r})")
