@@ -1,0 +1,159 @@
+"""`pal eval`: train K=1 (homogeneous BTL baseline) and the chosen K, then score seen users on held-out pairs
+and unseen users after n-shot adaptation with models.head.fit_user, reading the saved checkpoints back."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.checkpoint import read_checkpoint, save_checkpoint, update_metrics
+from training.encoded import EncodedComparisons, encode
+from training.fewshot import SHOTS, fewshot_curve, select_prior_strength, zero_shot_accuracy
+from training.presets import Experiment, with_k
+from training.train import TrainResult, config_dict, seen_accuracy, train_pal
+
+SPLIT_NAMES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
+
+
+def encode_splits(exp: Experiment) -> dict[str, EncodedComparisons]:
+    return {s: encode(getattr(exp.splits, s), exp.embedder, exp.pal.form) for s in SPLIT_NAMES}
+
+
+def train_and_save(
+    exp: Experiment, k: int, encs: dict[str, EncodedComparisons], out_dir: Path, progress: bool = True
+) -> tuple[TrainResult, Path]:
+    t0 = time.perf_counter()
+    result = train_pal(with_k(exp, k), encs["seen_train"], encs["seen_val"], exp.train, progress=progress)
+    ckpt_dir = out_dir / f"k{k}"
+    save_checkpoint(
+        ckpt_dir,
+        result.model,
+        result.user_ids,
+        exp.embedder.spec,
+        training={"data": exp.splits.describe(), "config": config_dict(exp.train), **result.describe()},
+        metrics={"seen_val_accuracy": result.val_accuracy, "train_seconds": time.perf_counter() - t0},
+    )
+    return result, ckpt_dir
+
+
+def evaluate_model(
+    exp: Experiment,
+    k: int,
+    encs: dict[str, EncodedComparisons],
+    out_dir: Path,
+    shots: Sequence[int] = SHOTS,
+    prior_strength: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    result, ckpt_dir = train_and_save(exp, k, encs, out_dir, progress)
+    ckpt = read_checkpoint(ckpt_dir)  # few-shot numbers come from what is on disk, like the service
+    head, prior = ckpt.head_params, np.asarray(ckpt.meta.prior_weights)
+    strengths: dict[str, float] = {}
+    if prior_strength is None:
+        prior_strength, strengths = select_prior_strength(head, prior, encs["seen_train"], encs["seen_val"])
+    metrics = {
+        "k": k,
+        "checkpoint": str(ckpt_dir),
+        "version": ckpt.meta.version,
+        "best_epoch": result.best_epoch,
+        "seen_val_accuracy": result.val_accuracy,
+        "seen_test_accuracy": seen_accuracy(result, encs["seen_test"]),
+        "prior_weights": ckpt.meta.prior_weights,
+        "prior_strength": prior_strength,
+        "prior_strength_val_scores": strengths,
+        "unseen_zero_shot_accuracy": zero_shot_accuracy(head, prior, encs["unseen_test"]),
+        "unseen_fewshot": fewshot_curve(
+            head, prior, encs["unseen_pool"], encs["unseen_test"], shots, prior_strength, progress
+        ),
+    }
+    update_metrics(ckpt_dir, {k_: v for k_, v in metrics.items() if k_ not in ("checkpoint", "version")})
+    return metrics
+
+
+def run_experiment(
+    exp: Experiment,
+    out_dir: Path,
+    ks: Sequence[int],
+    shots: Sequence[int] = SHOTS,
+    prior_strength: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    encs = encode_splits(exp)
+    t_embed = time.perf_counter() - t0
+    models = {str(k): evaluate_model(exp, k, encs, out_dir, shots, prior_strength, progress) for k in ks}
+    return {
+        "experiment": exp.name,
+        "data": exp.splits.describe(),
+        "encoder": exp.embedder.spec.model_dump(),
+        "embed_seconds": t_embed,
+        "seconds": time.perf_counter() - t0,
+        "models": models,
+    }
+
+
+def summarize(reports: list[dict[str, Any]], ks: Sequence[int], shots: Sequence[int]) -> dict[str, Any]:
+    """Averages over experiments (Polis conversations); identical to the single report for one experiment."""
+    out: dict[str, Any] = {}
+    for k in ks:
+        ms = [r["models"][str(k)] for r in reports]
+        out[str(k)] = {
+            "seen_test_accuracy": float(np.mean([m["seen_test_accuracy"] for m in ms])),
+            "unseen_zero_shot_accuracy": float(np.mean([m["unseen_zero_shot_accuracy"] for m in ms])),
+            "unseen_fewshot_accuracy": {
+                str(n): float(np.mean([m["unseen_fewshot"][str(n)]["accuracy"] for m in ms])) for n in shots
+            },
+        }
+    return out
+
+
+def plot(summary: dict[str, Any], shots: Sequence[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (k, s) in enumerate(summary.items()):
+        color = f"C{i}"
+        ax.plot(shots, [s["unseen_fewshot_accuracy"][str(n)] for n in shots], "o-", color=color, label=f"K={k} unseen")
+        ax.axhline(s["seen_test_accuracy"], ls="--", color=color, label=f"K={k} seen (held-out pairs)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(shots), [str(n) for n in shots])
+    ax.set_xlabel("shots (comparisons of the unseen user)")
+    ax.set_ylabel("accuracy on held-out pairs")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_preset(
+    experiments: list[Experiment],
+    out_dir: Path,
+    ks: Sequence[int],
+    shots: Sequence[int] = SHOTS,
+    prior_strength: float | None = None,
+    title: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every experiment of a preset; write report.json and fewshot.png into out_dir."""
+    out_dir = Path(out_dir)
+    reports = []
+    for exp in experiments:
+        sub = out_dir if len(experiments) == 1 else out_dir / exp.name.replace("/", "_")
+        reports.append(run_experiment(exp, sub, ks, shots, prior_strength, progress))
+    summary = summarize(reports, ks, shots)
+    report = {"title": title, "ks": list(ks), "shots": list(shots), "summary": summary, "experiments": reports}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plot(summary, shots, out_dir / "fewshot.png", title or ", ".join(r["experiment"] for r in reports[:1]))
+    return report
