@@ -165,6 +165,10 @@ class Scorer:
         """Tokens the encoder sees per text (special tokens included, after truncation to max_length)."""
         return [len(e.ids) for e in self._tokenizer.encode_batch(_clean(texts))]
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids the encoder sees per text (as training's HF tokenizer produces them)."""
+        return [list(e.ids) for e in self._tokenizer.encode_batch(_clean(texts))]
+
     def cache_stats(self) -> dict[str, int]:
         with self._stats_lock:
             return {

@@ -1,0 +1,115 @@
+"""Dedup, cache and token-budget batching change the work done, never the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.scorer import Scorer, _token_budget_batches
+
+# A GRPO-like group: 3 prompts x 4 responses, varied lengths, one response shared across prompts.
+_GROUP_PROMPTS = ["Name a prime.", "Summarise the plot of Hamlet in detail. " * 3, "Why is the sky blue?"]
+PROMPTS = [p for p in _GROUP_PROMPTS for _ in range(4)]
+RESPONSES = [f"Answer {i}: " + "words " * (3 + 7 * i) for i in range(11)] + ["Answer 0: " + "words " * 3]
+
+
+def _same(a, b) -> None:
+    np.testing.assert_allclose(a.latent, b.latent, atol=1e-5, rtol=0)
+    if a.prompt_prototypes is not None:
+        np.testing.assert_allclose(a.prompt_prototypes, b.prompt_prototypes, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(a.truncated, b.truncated)
+
+
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_dedup_and_cache_hits(form: str, bundles: dict[str, Path]) -> None:
+    scorer = Scorer.load(bundles[form], provider="cpu", intra_op_threads=1)
+    first = scorer.encode(PROMPTS, RESPONSES)
+    stats = scorer.cache_stats()
+    pairs = set(zip(PROMPTS, RESPONSES, strict=True))
+    distinct = len(set(PROMPTS)) + len(set(RESPONSES)) if form == "B" else len(pairs)
+    assert stats["misses"] == distinct and stats["hits"] == 0
+    assert stats["encoded"] == (len(set(PROMPTS) | set(RESPONSES)) if form == "B" else distinct)
+    assert stats["deduplicated"] == (2 * len(PROMPTS) if form == "B" else len(PROMPTS)) - distinct
+
+    second = scorer.encode(PROMPTS, RESPONSES)
+    after = scorer.cache_stats()
+    assert after["hits"] == distinct and after["misses"] == distinct and after["encoded"] == stats["encoded"]
+    _same(first, second)
+    np.testing.assert_array_equal(first.latent, second.latent)  # cached values are returned as computed
+
+    uncached = Scorer.load(bundles[form], provider="cpu", intra_op_threads=1, cache_size=0)
+    _same(uncached.encode(PROMPTS, RESPONSES), first)
+    assert uncached.cache_stats()["size"] == 0
+    # Encoding items one at a time (no dedup, batches of one) gives the same outputs as the grouped call.
+    singles = [uncached.encode([p], [r]) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    np.testing.assert_allclose(np.concatenate([s.latent for s in singles]), first.latent, atol=1e-5, rtol=0)
+
+
+def test_cache_is_lru_and_bounded(bundles: dict[str, Path]) -> None:
+    scorer = Scorer.load(bundles["A"], provider="cpu", intra_op_threads=1, cache_size=2)
+    scorer.encode(["p"] * 3, ["a", "b", "c"])
+    assert scorer.cache_stats()["size"] == 2
+    scorer.encode(["p"], ["c"])  # most recent: still cached
+    assert scorer.cache_stats()["hits"] == 1
+    scorer.encode(["p"], ["a"])  # evicted first
+    assert scorer.cache_stats()["hits"] == 1
+
+
+@pytest.mark.parametrize("budget", [32, 100, 300])
+def test_results_do_not_depend_on_the_token_budget(budget: int, bundles: dict[str, Path], scorers) -> None:
+    small = Scorer.load(bundles["B"], provider="cpu", intra_op_threads=1, max_batch_tokens=budget)
+    got = small.encode(PROMPTS, RESPONSES)
+    _same(got, scorers["B"].encode(PROMPTS, RESPONSES))
+    assert small.cache_stats()["batches"] > 1  # the budget really split the work
+
+
+def test_token_budget_batches_respect_the_budget() -> None:
+    rng = np.random.default_rng(1)
+    lengths = np.sort(rng.integers(3, 257, size=500))[::-1]
+    for budget in (1, 64, 1000, 16384):
+        batches = _token_budget_batches(lengths, budget)
+        np.testing.assert_array_equal(np.concatenate(batches), np.arange(len(lengths)))
+        for b in batches:
+            assert len(b) == 1 or len(b) * lengths[b].max() <= budget
+
+
+def test_rewards_broadcast_and_validate(scorers) -> None:
+    scorer = scorers["B"]
+    enc = scorer.encode(PROMPTS[:3], RESPONSES[:3])
+    w = np.array([0.2, 0.3, 0.5])
+    np.testing.assert_allclose(scorer.rewards(enc, w), scorer.rewards(enc, np.tile(w, (3, 1))))
+    protos = scorer.prototype_rewards(enc)
+    assert protos.shape == (3, 3)
+    np.testing.assert_allclose(protos[:, 1], scorer.rewards(enc, np.array([0.0, 1.0, 0.0])))
+    with pytest.raises(ValueError, match="shape"):
+        scorer.rewards(enc, np.ones((2, 3)) / 3)
+    with pytest.raises(ValueError, match="NaN"):
+        scorer.rewards(enc, np.array([np.nan, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="prompts"):
+        scorer.encode(["a"], ["b", "c"])
+    with pytest.raises(TypeError):
+        scorer.encode([None], ["b"])  # type: ignore[list-item]
+
+
+def test_empty_and_odd_inputs(scorers) -> None:
+    for scorer in scorers.values():
+        enc = scorer.encode([], [])
+        assert len(enc) == 0 and scorer.rewards(enc, np.zeros((0, 3))).shape == (0,)
+        odd = scorer.encode(["", "bad \ud800 surrogate"], ["", "x"])
+        assert np.isfinite(odd.latent).all()
+
+
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_features_feed_the_fitter(form: str, scorers) -> None:
+    from models.head import fit_user, margins
+
+    scorer = scorers[form]
+    prompts, chosen, rejected = PROMPTS[:4], RESPONSES[:4], RESPONSES[4:8]
+    feats = scorer.features(prompts, chosen, rejected)
+    assert len(feats) == 4
+    w = np.array(scorer.meta.prior_weights)
+    enc_c, enc_r = scorer.encode(prompts, chosen), scorer.encode(prompts, rejected)
+    np.testing.assert_allclose(margins(scorer.head, feats, w), scorer.rewards(enc_c, w) - scorer.rewards(enc_r, w))
+    assert fit_user(scorer.head, feats, w).n == 4
