@@ -147,7 +147,7 @@ def _inst_turns(text: str) -> list[tuple[int, int, list[_Turn]]] | None:
 _MARKUPS: tuple[tuple[str, Callable[[str], list[tuple[int, int, list[_Turn]]] | None]], ...] = (
     (
         "<|im_start|>",
-        _regex_turns(r"<\|im_start\|>(?P<role>[^\n]*)\n(?P<content>.*?)(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)"),
+        _regex_turns(r"<\|im_start\|>(?P<role>[^\n<]*)(?:\n|\Z)(?P<content>.*?)(?:<\|im_end\|>|(?=<\|im_start\|>)|\Z)"),
     ),
     (
         "<|start_header_id|>",
@@ -158,7 +158,9 @@ _MARKUPS: tuple[tuple[str, Callable[[str], list[tuple[int, int, list[_Turn]]] | 
     ),
     (
         "<start_of_turn>",
-        _regex_turns(r"<start_of_turn>(?P<role>[^\n]*)\n(?P<content>.*?)(?:<end_of_turn>|(?=<start_of_turn>)|\Z)"),
+        _regex_turns(
+            r"<start_of_turn>(?P<role>[^\n<]*)(?:\n|\Z)(?P<content>.*?)(?:<end_of_turn>|(?=<start_of_turn>)|\Z)"
+        ),
     ),
     (
         "<|user|>",

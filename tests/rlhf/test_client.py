@@ -1,0 +1,192 @@
+"""service.client against a small real local HTTP app: retries, backoff, Retry-After, timeouts, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.client import AsyncPalClient, PalClient, PalError, PalUnavailable, RetryPolicy, parse_retry_after
+from tests.rlhf.server import closed_port_url, serve_in_thread
+
+FAST = RetryPolicy(max_retries=4, base_s=0.01, max_s=0.05)
+
+
+class Flaky:
+    """Per-path plan of status codes to answer before succeeding, and a log of every request seen."""
+
+    def __init__(self) -> None:
+        self.plan: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.seen: list[tuple[str, float, dict]] = []
+        self.delay_s: dict[str, float] = {}
+
+
+def make_app(state: Flaky) -> FastAPI:
+    app = FastAPI()
+
+    async def _maybe_fail(path: str, body: dict) -> JSONResponse | None:
+        state.seen.append((path, time.monotonic(), body))
+        await asyncio.sleep(state.delay_s.get(path, 0.0))
+        plan = state.plan.get(path)
+        if plan:
+            status, headers = plan.pop(0)
+            return JSONResponse({"detail": f"planned {status}"}, status_code=status, headers=headers)
+        return None
+
+    @app.post("/score")
+    async def score(request: Request) -> JSONResponse:
+        body = await request.json()
+        if (failure := await _maybe_fail("/score", body)) is not None:
+            return failure
+        # Echo a reward derived from the text so the caller can check order is kept across chunks.
+        results = [
+            {"reward": float(len(it["response"])), "user_id": it.get("user_id"), "personalized": False,
+             "truncated": False}
+            for it in body["items"]
+        ]
+        return JSONResponse({"model_version": "v1", "results": results})
+
+    @app.post("/users/{user_id}/adapt")
+    async def adapt(user_id: str, request: Request) -> JSONResponse:
+        body = await request.json()
+        if (failure := await _maybe_fail("/adapt", body)) is not None:
+            return failure
+        return JSONResponse({"user_id": user_id, "added": len(body["comparisons"])})
+
+    @app.post("/classify")
+    async def classify(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse({"data": [{"index": i, "probs": [float(len(t))]} for i, t in enumerate(body["input"])]})
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def flaky_server() -> Iterator[tuple[str, Flaky]]:
+    state = Flaky()
+    with serve_in_thread(make_app(state)) as url:
+        yield url, state
+
+
+@pytest.fixture
+def server(flaky_server: tuple[str, Flaky]) -> tuple[str, Flaky]:
+    url, state = flaky_server
+    state.plan.clear()
+    state.seen.clear()
+    state.delay_s.clear()
+    return url, state
+
+
+def test_retries_503_then_succeeds(server) -> None:
+    url, state = server
+    state.plan["/score"] = [(503, {}), (503, {})]
+    with PalClient(url, retry=FAST, seed=0) as client:
+        batch = client.score([{"prompt": "p", "response": "abc"}])
+    assert batch.rewards == [3.0]
+    assert len(state.seen) == 3
+
+
+def test_429_retry_after_is_honoured(server) -> None:
+    url, state = server
+    state.plan["/score"] = [(429, {"Retry-After": "1"})]
+    with PalClient(url, retry=FAST, seed=0) as client:
+        client.score([("p", "abcd")])
+    (_, t0, _), (_, t1, _) = state.seen
+    assert t1 - t0 >= 0.95  # the computed backoff alone would be <= 0.05 s
+
+
+def test_client_errors_are_not_retried_and_carry_the_message(server) -> None:
+    url, state = server
+    state.plan["/score"] = [(422, {})]
+    with PalClient(url, retry=FAST) as client, pytest.raises(PalError, match="planned 422") as err:
+        client.score([("p", "r")])
+    assert err.value.status == 422 and not isinstance(err.value, PalUnavailable)
+    assert len(state.seen) == 1
+
+
+def test_gives_up_after_max_retries(server) -> None:
+    url, state = server
+    state.plan["/score"] = [(503, {})] * 10
+    with PalClient(url, retry=FAST) as client, pytest.raises(PalUnavailable, match="5 attempts"):
+        client.score([("p", "r")])
+    assert len(state.seen) == FAST.max_retries + 1
+
+
+def test_connection_refused_is_retried_then_unavailable() -> None:
+    t0 = time.monotonic()
+    with PalClient(closed_port_url(), retry=FAST) as client, pytest.raises(PalUnavailable, match="ConnectError"):
+        client.score([("p", "r")])
+    assert time.monotonic() - t0 < 5
+
+
+def test_read_timeout_retried_for_scoring_not_for_adapt(server) -> None:
+    url, state = server
+    state.delay_s["/score"] = 0.5
+    with PalClient(url, retry=FAST, timeout_s=0.2) as client, pytest.raises(PalUnavailable, match="ReadTimeout"):
+        client.score([("p", "r")])
+    assert len(state.seen) == FAST.max_retries + 1
+    state.seen.clear()
+    state.delay_s["/adapt"] = 0.5
+    with PalClient(url, retry=FAST, timeout_s=0.2) as client, pytest.raises(PalError, match="not safe to retry"):
+        client.adapt("u1", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert len(state.seen) == 1  # the comparisons may have been stored: never sent twice
+
+
+def test_adapt_is_retried_when_the_server_refused_it(server) -> None:
+    url, state = server
+    state.plan["/adapt"] = [(429, {"Retry-After": "0"}), (503, {})]
+    with PalClient(url, retry=FAST) as client:
+        assert client.adapt("u1", [{"prompt": "p", "chosen": "a", "rejected": "b"}])["added"] == 1
+    assert len(state.seen) == 3
+
+
+def test_batching_splits_requests_and_keeps_order(server) -> None:
+    url, state = server
+    responses = ["x" * n for n in range(1, 11)]
+    with PalClient(url, batch_size=3) as client:
+        batch = client.score([("p", r, "u") for r in responses])
+    assert batch.rewards == [float(n) for n in range(1, 11)]
+    assert [len(body["items"]) for _, _, body in state.seen] == [3, 3, 3, 1]
+    assert all(r.user_id == "u" for r in batch.results)
+
+
+def test_async_client_batches_concurrently_and_retries(server) -> None:
+    url, state = server
+    state.plan["/score"] = [(503, {})]
+
+    async def run() -> list[float]:
+        async with AsyncPalClient(url, batch_size=4, max_concurrency=3, retry=FAST, seed=1) as client:
+            batch = await client.score([{"prompt": "", "response": "y" * n} for n in range(1, 12)])
+            return batch.rewards
+
+    assert asyncio.run(run()) == [float(n) for n in range(1, 12)]
+    assert len(state.seen) == 4  # 3 chunks + 1 retry
+
+
+def test_classify_batches(server) -> None:
+    url, _ = server
+    with PalClient(url, batch_size=2) as client:
+        assert client.classify(["a", "bb", "ccc"]) == [1.0, 2.0, 3.0]
+
+
+def test_backoff_grows_exponentially_with_jitter_and_respects_caps() -> None:
+    policy = RetryPolicy(base_s=0.1, max_s=1.0)
+    rng = random.Random(0)
+    for attempt, cap in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (9, 1.0)]:
+        delays = [policy.delay(attempt, None, rng) for _ in range(200)]
+        assert cap / 2 <= min(delays) and max(delays) <= cap
+        assert max(delays) - min(delays) > cap / 10  # jittered, not constant
+    assert 3.0 <= policy.delay(0, 3.0, rng) <= 3.3
+    assert policy.delay(0, 1e6, rng) <= policy.max_retry_after_s * 1.1
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
