@@ -17,10 +17,15 @@ def export(
     fp16: Annotated[bool, typer.Option(help="also write an fp16 graph for GPU serving")] = False,
 ) -> None:
     """Export encoder + pooling + PAL head to a self-contained ONNX scorer bundle."""
-    from models.export import export_bundle
+    from models.checkpoint import CheckpointError
+    from models.export import ExportError, export_bundle
 
-    report = export_bundle(checkpoint, out, fp16=fp16)
-    typer.echo(report.model_dump_json(indent=2) if hasattr(report, "model_dump_json") else str(report))
+    try:
+        report = export_bundle(checkpoint, out, fp16=fp16)
+    except (ExportError, CheckpointError) as e:
+        typer.echo(f"export failed: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(report.model_dump_json(indent=2))
 
 
 @app.command()
@@ -33,6 +38,56 @@ def serve(
     from service.server import run_server
 
     run_server(bundle, host=host, port=port)
+
+
+def _shots(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@app.command("build-data")
+def build_data(
+    preset: Annotated[str, typer.Option(help="simulated | persona | polis")] = "persona",
+    out: Annotated[Path, typer.Option(help="directory for the JSONL splits")] = Path("runs/data"),
+    seed: Annotated[int, typer.Option(help="builder seed")] = 0,
+) -> None:
+    """Build a preset's seen/unseen comparison splits and write them as JSONL."""
+    from training.pipeline import build_data as run, dumps
+
+    typer.echo(dumps(run(preset, out, seed)))
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help="simulated | persona | polis (first conversation)")] = "persona",
+    out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("runs/checkpoint"),
+    k: Annotated[int, typer.Option(help="number of prototypes K")] = 3,
+    seed: Annotated[int, typer.Option(help="data and training seed")] = 0,
+    encoder: Annotated[str, typer.Option(help="HF id or local path of the frozen encoder")] = "all-MiniLM-L6-v2",
+) -> None:
+    """Train one PAL model on a preset and save a checkpoint."""
+    from training.pipeline import dumps, train_one
+
+    typer.echo(dumps(train_one(preset, out, k, seed, encoder)))
+
+
+@app.command("eval")
+def evaluate(
+    preset: Annotated[str, typer.Option(help="simulated | persona | polis (all conversations, averaged)")] = "persona",
+    out: Annotated[Path, typer.Option(help="directory for checkpoints, report.json and fewshot.png")] = Path(
+        "runs/eval"
+    ),
+    k: Annotated[int, typer.Option(help="the chosen K, evaluated beside the K=1 baseline")] = 3,
+    seed: Annotated[int, typer.Option(help="data and training seed")] = 0,
+    shots: Annotated[str, typer.Option(help="comma-separated shot counts")] = "1,2,5,10,20,50",
+    prior_strength: Annotated[
+        float | None, typer.Option(help="few-shot prior strength (default: picked on seen users' val pairs)")
+    ] = None,
+    encoder: Annotated[str, typer.Option(help="HF id or local path of the frozen encoder")] = "all-MiniLM-L6-v2",
+) -> None:
+    """Seen-user accuracy on held-out pairs and unseen-user accuracy vs shots, for K=1 and K."""
+    from training.pipeline import dumps, evaluate_preset
+
+    typer.echo(dumps(evaluate_preset(preset, out, k, seed, _shots(shots), prior_strength, encoder)))
 
 
 if __name__ == "__main__":
