@@ -51,7 +51,8 @@ def build_data(
     seed: Annotated[int, typer.Option(help="builder seed")] = 0,
 ) -> None:
     """Build a preset's seen/unseen comparison splits and write them as JSONL."""
-    from training.pipeline import build_data as run, dumps
+    from training.pipeline import build_data as run
+    from training.pipeline import dumps
 
     typer.echo(dumps(run(preset, out, seed)))
 

@@ -25,11 +25,10 @@ def encode_splits(exp: Experiment) -> dict[str, EncodedComparisons]:
 
 
 def train_and_save(
-    exp: Experiment, k: int, encs: dict[str, EncodedComparisons], out_dir: Path, progress: bool = True
+    exp: Experiment, k: int, encs: dict[str, EncodedComparisons], ckpt_dir: Path, progress: bool = True
 ) -> tuple[TrainResult, Path]:
     t0 = time.perf_counter()
     result = train_pal(with_k(exp, k), encs["seen_train"], encs["seen_val"], exp.train, progress=progress)
-    ckpt_dir = out_dir / f"k{k}"
     save_checkpoint(
         ckpt_dir,
         result.model,
@@ -50,7 +49,7 @@ def evaluate_model(
     prior_strength: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    result, ckpt_dir = train_and_save(exp, k, encs, out_dir, progress)
+    result, ckpt_dir = train_and_save(exp, k, encs, out_dir / f"k{k}", progress)
     ckpt = read_checkpoint(ckpt_dir)  # few-shot numbers come from what is on disk, like the service
     head, prior = ckpt.head_params, np.asarray(ckpt.meta.prior_weights)
     strengths: dict[str, float] = {}
