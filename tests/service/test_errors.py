@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -143,12 +145,16 @@ async def test_redis_down_scores_with_cached_weights_or_prior_and_adapt_is_503(s
         await c.post("/users/cached/adapt", json={"comparisons": [CMP] * 2})
         items = [{**ITEM, "user_id": "cached"}, {**ITEM, "user_id": "stranger"}, ITEM]
         before = (await c.post("/score", json={"items": items})).json()["results"]
-        c.app.state.redis.embedded.shutdown(nosave=True)  # the real server goes away
+        os.kill(c.app.state.redis.embedded.pid, signal.SIGKILL)  # the real server dies
+        await asyncio.sleep(0.2)
         r = await c.post("/score", json={"items": items})
         assert r.status_code == 200, r.text
         after = r.json()["results"]
         assert [x["personalized"] for x in after] == [True, False, False]
         assert [x["reward"] for x in after] == pytest.approx([x["reward"] for x in before])
+        # While the breaker is open, later requests do not touch Redis and still answer.
+        again = await c.post("/score", json={"items": items})
+        assert [x["personalized"] for x in again.json()["results"]] == [True, False, False]
         r = await c.post("/users/cached/adapt", json={"comparisons": [CMP]})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "unavailable" in _detail(r)
         assert (await c.get("/users/cached")).status_code == 503

@@ -1,0 +1,90 @@
+"""The batcher on the real scorer: merging, row order, token budget, dropped work, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, QueueFull
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingEncoder:
+    """The real scorer's encode, remembering what each batch held."""
+
+    def __init__(self, scorer) -> None:
+        self.scorer = scorer
+        self.batches: list[list[str]] = []
+
+    def __call__(self, prompts: list[str], responses: list[str]):
+        self.batches.append(list(responses))
+        return self.scorer.encode(prompts, responses)
+
+
+async def test_concurrent_requests_merge_into_batches_with_rows_in_place(scorer_b) -> None:
+    enc = RecordingEncoder(scorer_b)
+    b = Batcher(enc, max_batch_tokens=16384, max_wait_ms=50, max_queue=1000)
+    b.start()
+    try:
+        requests = [([f"prompt {i}"] * (1 + i % 3), [f"answer {i}.{j}" for j in range(1 + i % 3)]) for i in range(16)]
+        outs = await asyncio.gather(*(b.encode(p, r) for p, r in requests))
+    finally:
+        await b.stop()
+    assert len(enc.batches) < len(requests)  # merged
+    assert sorted(x for batch in enc.batches for x in batch) == sorted(x for _, r in requests for x in r)
+    for (p, r), out in zip(requests, outs, strict=True):
+        direct = scorer_b.encode(p, r)
+        np.testing.assert_allclose(out.latent, direct.latent, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.prompt_prototypes, direct.prompt_prototypes, rtol=1e-5, atol=1e-6)
+        assert out.truncated.tolist() == direct.truncated.tolist()
+
+
+async def test_token_budget_cuts_batches(scorer_b) -> None:
+    enc = RecordingEncoder(scorer_b)
+    # Each request is ~2 x 2 estimated tokens + text; a budget of 64 fits only a few per batch.
+    b = Batcher(enc, max_batch_tokens=64, max_wait_ms=50, max_queue=1000)
+    b.start()
+    try:
+        await asyncio.gather(*(b.encode(["p" * 40], [f"r{i} " * 10]) for i in range(12)))
+    finally:
+        await b.stop()
+    assert len(enc.batches) >= 4 and max(len(x) for x in enc.batches) <= 3
+
+
+async def test_cancelled_request_is_dropped_before_encoding(scorer_b) -> None:
+    enc = RecordingEncoder(scorer_b)
+    b = Batcher(enc, max_batch_tokens=16384, max_wait_ms=300, max_queue=10)
+    b.start()
+    try:
+        gone = asyncio.create_task(b.encode(["p"], ["the client hung up"]))
+        kept = asyncio.create_task(b.encode(["p"], ["the client waited"]))
+        await asyncio.sleep(0.05)
+        assert b.queue_depth == 2
+        gone.cancel()
+        out = await kept
+    finally:
+        await b.stop()
+    assert len(out) == 1 and enc.batches == [["the client waited"]] and b.queue_depth == 0
+
+
+async def test_queue_bound_and_encoder_errors(scorer_b) -> None:
+    def broken(prompts, responses):
+        raise RuntimeError("encoder exploded")
+
+    b = Batcher(broken, max_batch_tokens=16384, max_wait_ms=100, max_queue=3)
+    b.start()
+    try:
+        first = asyncio.create_task(b.encode(["p"] * 2, ["a", "b"]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="PAL_MAX_QUEUE"):
+            await b.encode(["p"] * 2, ["c", "d"])
+        with pytest.raises(RuntimeError, match="exploded"):
+            await first
+        # The worker survives a failed batch.
+        with pytest.raises(RuntimeError, match="exploded"):
+            await b.encode(["p"], ["e"])
+    finally:
+        await b.stop()
