@@ -7,18 +7,19 @@
 #   PAL_TRAIN_SEED     data and training seed (default 0)
 #   PAL_ENCODER        HF id or local path of the frozen encoder (default: the packaged all-MiniLM-L6-v2)
 #   PAL_EXPORT_FP16    true (default) also writes the fp16 graph GPU scorers can use with PAL_FP16=true
+#   PAL_BUNDLE_ROOT, PAL_CHECKPOINT_ROOT   where the volumes are mounted (default /bundle, /checkpoints)
 # The bundle lands in /bundle/releases/<UTC time>, then /bundle/current is switched to it in one rename, so a
 # scorer starting at any moment reads either the previous bundle or the new one, never a half-written one.
 set -eu
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-bundles=/bundle
+bundles=${PAL_BUNDLE_ROOT:-/bundle}
 
 if [ -n "${PAL_CHECKPOINT:-}" ]; then
   checkpoint=$PAL_CHECKPOINT
 else
   k=${PAL_TRAIN_K:-3}
-  run=/checkpoints/$stamp
+  run=${PAL_CHECKPOINT_ROOT:-/checkpoints}/$stamp
   pal train --preset "${PAL_TRAIN_PRESET:-persona}" --k "$k" --seed "${PAL_TRAIN_SEED:-0}" \
     --encoder "${PAL_ENCODER:-all-MiniLM-L6-v2}" --out "$run"
   checkpoint=$run/k$k
