@@ -17,7 +17,7 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_pipeline, get_settings
 from service.pipeline import Pipeline
-from service.protocols.common import as_422, check_count, renderer_for, score_pairs
+from service.protocols.common import ERROR_RESPONSES, as_422, check_count, renderer_for, score_pairs
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import ScoreItemOut, ScoreResponse, UserId
 
@@ -52,6 +52,7 @@ class ChatScoreRequest(BaseModel):
     "/score/chat",
     response_model=ScoreResponse,
     dependencies=[Depends(require_api_key)],
+    responses=ERROR_RESPONSES,
     summary="Score chat-format (or templated) items, rendered with the checkpoint's chat template",
 )
 async def score_chat(

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 
 from fastapi import HTTPException, Request
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.chat import DEFAULT_STRIP_TOKENS, ChatFormatError, ChatRenderer
@@ -34,6 +34,20 @@ class ProtocolSettings(BaseSettings):
     chat_include_system: bool = Field(
         default=False, description="keep system messages in the default (template-less) chat rendering"
     )
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+# What the app's error handlers actually send (a message string), documented for every status a route can give.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token (PAL_API_KEY)"},
+    413: {"model": ErrorBody, "description": "too many items, or body too large"},
+    422: {"model": ErrorBody, "description": "malformed input; the message says which field and why"},
+    429: {"model": ErrorBody, "description": "encoder queue full; retry after Retry-After seconds"},
+    503: {"model": ErrorBody, "description": "model not loaded yet; retry after Retry-After seconds"},
+}
 
 
 _renderers: dict[tuple[str, int], ChatRenderer] = {}

@@ -23,6 +23,7 @@ from service.config import Settings
 from service.deps import get_pipeline, get_settings
 from service.pipeline import Pipeline
 from service.protocols.common import (
+    ERROR_RESPONSES,
     as_422,
     check_count,
     check_text,
@@ -65,6 +66,7 @@ def _as_list(value: object, n: int, name: str) -> list:
     "/get_reward",
     response_model=GetRewardResponse,
     dependencies=[Depends(require_api_key)],
+    responses=ERROR_RESPONSES,
     summary="OpenRLHF remote reward model: rewards for templated prompt+response queries, labels = user ids",
 )
 async def get_reward(

@@ -25,7 +25,7 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_pipeline, get_settings
 from service.pipeline import Pipeline
-from service.protocols.common import as_422, check_count, check_text, renderer_for, score_pairs
+from service.protocols.common import ERROR_RESPONSES, as_422, check_count, check_text, renderer_for, score_pairs
 from service.protocols.messages import MessageIn, as_dicts
 
 router = APIRouter(tags=["rlhf"])
@@ -80,6 +80,7 @@ def _conversations(req: ClassifyRequest) -> list[list[MessageIn]]:
     "/classify",
     response_model=ClassifyResponse,
     dependencies=[Depends(require_api_key)],
+    responses=ERROR_RESPONSES,
     summary="vLLM-style classification: population reward of each input as probs=[reward]",
 )
 async def classify(
