@@ -29,9 +29,11 @@ LABEL org.opencontainers.image.title="pal-rm scorer (CPU)" \
       org.opencontainers.image.description="PAL pluralistic reward model service: onnxruntime on CPU, no torch" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
+# Same uid as the training image, and /bundle owned by it: whichever container first mounts the new `bundle`
+# volume hands its ownership to the volume, and the train job must be able to write it.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/pal --shell /usr/sbin/nologin pal \
  && mkdir -p /bundle /data \
- && chown pal:pal /data
+ && chown pal:pal /bundle /data
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/serve-entrypoint.sh /usr/local/bin/pal-serve
 COPY docker/healthcheck.py /usr/local/bin/pal-healthcheck

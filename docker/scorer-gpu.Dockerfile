@@ -39,15 +39,16 @@ LABEL org.opencontainers.image.title="pal-rm scorer (GPU)" \
       org.opencontainers.image.description="PAL pluralistic reward model service: onnxruntime-gpu on CUDA 12, no torch" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.base.name="docker.io/nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04"
-# Runtime needs only the interpreter (no venv module, no pip, no compilers). A fixed numeric uid lets the bundle
-# volume written by the training image (same uid) be read, and lets orchestrators verify runAsNonRoot.
+# Runtime needs only the interpreter (no venv module, no pip, no compilers). The fixed numeric uid is shared with
+# the training image, and /bundle belongs to it here too: whichever container first mounts the new `bundle`
+# volume hands its ownership to the volume, and the train job must be able to write it.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /home/pal --shell /usr/sbin/nologin pal \
  && mkdir -p /bundle /data \
- && chown pal:pal /data
+ && chown pal:pal /bundle /data
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/serve-entrypoint.sh /usr/local/bin/pal-serve
 COPY docker/healthcheck.py /usr/local/bin/pal-healthcheck

@@ -188,3 +188,25 @@ def test_every_host_side_variable_is_documented() -> None:
     docs = (REPO / "docs" / "DEPLOY.md").read_text()
     missing = sorted(v for v in interpolation_variables(text) if v not in docs)
     assert not missing, f"docs/DEPLOY.md does not mention {missing}"
+
+
+def test_named_volume_mount_points_belong_to_the_image_user() -> None:
+    # A new named volume takes the ownership of the mount point in the first container that mounts it; the
+    # bundle volume may be created by a scorer (plain `up`) and must stay writable for the train job (uid 10001).
+    from tests.deploy.deploy_files import parse_dockerfile
+
+    for model in HOSTS.values():
+        for name, service in model["services"].items():
+            if "build" not in service:
+                continue  # stock images (redis) manage their own data directory
+            _, stages = parse_dockerfile(REPO / service["build"]["dockerfile"])
+            runtime = stages[-1]
+            chowned = set()
+            for command in re.findall(r"chown (\S+) ([^&\n]+)", runtime.run_text()):
+                chowned |= set(command[1].split())
+            (user,) = [u.args.split(":")[0] for u in runtime.all("USER")][-1:]
+            assert user == "10001", f"{name}: every image shares uid 10001"
+            for mount in service.get("volumes", []):
+                source, target = mount.split(":")[:2]
+                if source in model["volumes"]:
+                    assert target in chowned, f"{name}: {target} (volume {source}) is not owned by the image user"
