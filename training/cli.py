@@ -91,5 +91,16 @@ def evaluate(
     typer.echo(dumps(evaluate_preset(preset, out, k, seed, _shots(shots), prior_strength, encoder)))
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="checkpoint, bundle, Redis data and report go here")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="data and training seed")] = 0,
+) -> None:
+    """The main job end to end: train a small checkpoint, export, serve, adapt an unseen user, score."""
+    from training.demo import run_demo
+
+    run_demo(out, seed=seed)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on embedded defaults: installs what it needs, then trains a small PAL checkpoint on the persona
+# data, exports the ONNX scorer bundle, serves it with an embedded Redis, adapts an unseen user and scores.
+# Then it runs the RLHF example loop through every protocol against a fresh server. Extra args go to `pal demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/pal demo "$@"
