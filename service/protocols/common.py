@@ -96,11 +96,12 @@ def check_count(n: int, settings: Settings, what: str = "items") -> None:
         )
 
 
-def check_text(text: str, where: str, settings: Settings) -> None:
-    if len(text) > settings.max_text_chars:
-        raise unprocessable(
-            f"{where} has {len(text)} characters; the limit is {settings.max_text_chars} (PAL_MAX_TEXT_CHARS)"
-        )
+def check_text(text: str, where: str, settings: Settings, texts: int = 1) -> None:
+    """Characters of one text; `texts=2` for a prompt+response string, checked again once split."""
+    limit = texts * settings.max_text_chars
+    if len(text) > limit:
+        times = f"{texts} x " if texts > 1 else ""
+        raise unprocessable(f"{where} has {len(text)} characters; the limit is {times}PAL_MAX_TEXT_CHARS = {limit}")
 
 
 async def score_pairs(

@@ -83,7 +83,7 @@ async def get_reward(
     renderer = renderer_for(pipeline)
     pairs = []
     for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels, strict=True)):
-        check_text(query, f"query[{i}]", settings)
+        check_text(query, f"query[{i}]", settings, texts=2)
         user = check_user_id(label, f"labels[{i}]")
         try:
             if prompt is None:

@@ -95,7 +95,7 @@ async def classify(
         texts = [req.input] if isinstance(req.input, str) else req.input
         check_count(len(texts), settings, "inputs")
         for i, text in enumerate(texts):
-            check_text(text, f"input[{i}]", settings)
+            check_text(text, f"input[{i}]", settings, texts=2)
             try:
                 prompt, response = renderer.pair_from_text(text)
             except ChatFormatError as e:

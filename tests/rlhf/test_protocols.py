@@ -90,6 +90,7 @@ def test_get_reward_is_idempotent_and_stateless(rm_url: str) -> None:
         ({"prompts": ["a"]}, 422, "query"),
         ({"query": ["x"] * 1025}, 413, "PAL_MAX_ITEMS_PER_REQUEST"),
         ({"query": ["x" * 20001]}, 422, "PAL_MAX_TEXT_CHARS"),
+        ({"query": ["x" * 40001]}, 422, "2 x PAL_MAX_TEXT_CHARS"),
     ],
 )
 def test_get_reward_malformed_input_is_a_clear_4xx(rm_url: str, body: dict, status: int, fragment: str) -> None:
