@@ -94,6 +94,11 @@ class LRU:
         self._d.pop(key, None)
 
 
+def _stale(fit: StoredFit | None, seq: int) -> bool:
+    """True if the user's comparisons up to append `seq` are not all in this fit."""
+    return fit is None or fit.source != "adapt" or fit.seq < seq
+
+
 def _comparison_key(c: Comparison) -> str:
     return hashlib.blake2b(c.to_json().encode(), digest_size=16).hexdigest()
 
@@ -202,10 +207,10 @@ class Pipeline:
     async def get_user(self, user: str) -> UserView:
         try:
             fit = await self.store.get_fit(self.version, user)
-            n = await self.store.count_comparisons(user)
-            if n and (fit is None or fit.source != "adapt"):
-                # Comparisons but no fit for this model version (a new deploy): refit now.
-                fit = await self._refit(user, min_seq=1)
+            n, seq = await self.store.count_comparisons(user)
+            if n and _stale(fit, seq):
+                # Comparisons this version's fit has not seen (a new deploy, or a rollback): refit now.
+                fit = await self._refit(user, min_seq=seq)
         except RedisError as e:
             self._redis_error("get_user", e)
             raise StoreUnavailable(str(e)) from e
@@ -287,8 +292,9 @@ class Pipeline:
     # --- start-up state
 
     async def migrate(self, retry_s: float = 5.0) -> None:
-        """Write the checkpoint's seen users, then refit users that have comparisons but no fit for this
-        model version (a new deploy). Runs in the background; retries while Redis is unreachable."""
+        """Write the checkpoint's seen users, then refit users whose comparisons this model version's fit has
+        not all seen (a new deploy, or a rollback to a version fitted earlier). Runs in the background; retries
+        while Redis is unreachable."""
         while True:
             try:
                 self.migration["state"] = "seeding"
@@ -296,7 +302,8 @@ class Pipeline:
                 self.migration["state"] = "refitting"
                 async for user in self.store.users_with_comparisons():
                     fit = await self.store.get_fit(self.version, user)
-                    if (fit is None or fit.source != "adapt") and await self._refit(user, min_seq=1) is not None:
+                    _, seq = await self.store.count_comparisons(user)
+                    if _stale(fit, seq) and await self._refit(user, min_seq=seq) is not None:
                         self.migration["refitted"] = int(self.migration["refitted"]) + 1
                 self.migration["state"] = "done"
                 log.info("user state ready for %s: %s", self.version, self.migration)

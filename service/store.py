@@ -101,8 +101,13 @@ class UserStore:
             raw, seq = await p.execute()
         return [Comparison.from_json(x) for x in raw], int(seq or 0)
 
-    async def count_comparisons(self, user: str) -> int:
-        return int(await self.r.llen(self._key(user, "c")))
+    async def count_comparisons(self, user: str) -> tuple[int, int]:
+        """(comparisons stored now, the user's append counter)."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.llen(self._key(user, "c"))
+            p.get(self._key(user, "seq"))
+            n, seq = await p.execute()
+        return int(n), int(seq or 0)
 
     async def get_fit(self, version: str, user: str) -> StoredFit | None:
         raw = await self.r.hget(self._key(user, "w"), version)

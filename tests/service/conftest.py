@@ -37,6 +37,15 @@ def scorer_b(bundle_b: Path):
     return Scorer.load(bundle_b, provider="cpu", intra_op_threads=1, cache_size=4096)
 
 
+@pytest.fixture(scope="session")
+def scorer_a(tmp_path_factory: pytest.TempPathFactory):
+    """A second model (PAL-A, so another version) for model-change tests."""
+    from models.scorer import Scorer
+
+    bundle = make_random_bundle(tmp_path_factory.mktemp("service-bundle-a"), form="A", k=3, max_length=64)
+    return Scorer.load(bundle, provider="cpu", intra_op_threads=1, cache_size=4096)
+
+
 @pytest.fixture
 def settings(tmp_path: Path, bundle_b: Path) -> Settings:
     return Settings(bundle_dir=bundle_b, redis_data_dir=tmp_path / "redis", provider="cpu", intra_op_threads=1)
