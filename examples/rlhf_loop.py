@@ -11,6 +11,7 @@ ranking of the candidates and where users disagree.
 
     python examples/rlhf_loop.py --url http://127.0.0.1:8000            # adapts two demo users first
     python examples/rlhf_loop.py --url ... --users persona-0,persona-3  # users the checkpoint already knows
+    python examples/rlhf_loop.py --url ... --pool pool.json            # {"prompt": ["response", ...], ...}
 
 Exit status 1 if the protocols disagree or the server is unreachable.
 """
@@ -18,10 +19,12 @@ Exit status 1 if the protocols disagree or the server is unreachable.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from service.adapters.trl import make_trl_reward_func
 from service.adapters.verl import make_compute_score
@@ -66,10 +69,10 @@ def chatml_prompt(prompt: str) -> str:
     )
 
 
-def demo_comparisons(prefer_short: bool) -> list[dict[str, str]]:
+def demo_comparisons(pool: dict[str, list[str]], prefer_short: bool) -> list[dict[str, str]]:
     """Every (shorter, longer) pair of the pool, chosen by length: a user who likes brevity, or detail."""
     out = []
-    for prompt, candidates in POOL.items():
+    for prompt, candidates in pool.items():
         for i, a in enumerate(candidates):
             for b in candidates[i + 1 :]:
                 short, long = sorted((a, b), key=len)
@@ -85,8 +88,8 @@ def ranking(rewards: Sequence[float]) -> list[int]:
 class ToyPolicy:
     """A categorical distribution over the candidate pool of each prompt, trained by REINFORCE."""
 
-    def __init__(self, lr: float) -> None:
-        self.logits = {p: [0.0] * len(c) for p, c in POOL.items()}
+    def __init__(self, pool: dict[str, list[str]], lr: float) -> None:
+        self.logits = {p: [0.0] * len(c) for p, c in pool.items()}
         self.lr = lr
 
     def probs(self, prompt: str) -> list[float]:
@@ -96,7 +99,7 @@ class ToyPolicy:
 
     def sample_group(self, prompt: str, size: int, rng: random.Random) -> list[int]:
         """Distinct candidates drawn by the policy (without replacement), like a group of generations."""
-        left = list(range(len(POOL[prompt])))
+        left = list(range(len(self.logits[prompt])))
         group: list[int] = []
         while left and len(group) < size:
             weights = [self.probs(prompt)[i] for i in left]
@@ -149,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--users", default=None, help="comma-separated user ids; default: adapt two demo users")
+    ap.add_argument("--pool", type=Path, default=None, help='JSON {"prompt": ["candidate", ...]} to use instead')
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--group-size", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1.0)
@@ -158,6 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     rng = random.Random(args.seed)
+    pool = POOL
+    if args.pool is not None:
+        pool = json.loads(args.pool.read_text())
+        if not isinstance(pool, dict) or not all(
+            isinstance(c, list) and len(c) >= 2 and all(isinstance(x, str) for x in c) for c in pool.values()
+        ):
+            print("--pool must map each prompt to a list of at least two candidate strings", file=sys.stderr)
+            return 2
     rm = Protocols(args.url, args.api_key, args.retries)
     try:
         info = rm.client.info()
@@ -172,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         users = list(DEMO_USERS)
         for user, short in zip(DEMO_USERS, (True, False), strict=True):
-            fit = rm.client.adapt(user, demo_comparisons(prefer_short=short))
+            fit = rm.client.adapt(user, demo_comparisons(pool, prefer_short=short))
             acc = fit.get("accuracy")
             print(
                 f"adapted {user}: {fit['n_comparisons']} comparisons, fit accuracy {acc:.2f}, weights "
@@ -180,18 +192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     users.append(None)  # the population prior, for comparison (and the only user /classify can score)
 
-    policies = {u: ToyPolicy(args.lr) for u in users}
+    policies = {u: ToyPolicy(pool, args.lr) for u in users}
     worst_gap = 0.0
     print(
         f"\n{args.steps} steps, groups of {args.group_size}, each scored via /score, /get_reward, TRL, verl"
         " (+ /classify for the population)"
     )
     for step in range(args.steps):
-        prompt = rng.choice(list(POOL))
+        prompt = rng.choice(list(pool))
         line = []
         for user in users:
             group = policies[user].sample_group(prompt, args.group_size, rng)
-            rewards, gap = rm.score(prompt, [POOL[prompt][i] for i in group], user)
+            rewards, gap = rm.score(prompt, [pool[prompt][i] for i in group], user)
             worst_gap = max(worst_gap, gap)
             policies[user].update(prompt, group, advantages(rewards))
             line.append(f"{user or 'population'}: mean r {sum(rewards) / len(rewards):+.3f}")
@@ -199,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("\nranking of the full pool per user (best first), and each policy's favourite after training:")
     disagreements = 0
-    for prompt, candidates in POOL.items():
+    for prompt, candidates in pool.items():
         print(f"\n  {prompt}")
         ranks = {}
         for user in users:
@@ -212,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if len({tuple(r) for r in ranks.values()}) > 1:
             disagreements += 1
-    print(f"\nusers rank candidates differently on {disagreements}/{len(POOL)} prompts")
+    print(f"\nusers rank candidates differently on {disagreements}/{len(pool)} prompts")
     print(f"largest reward difference between protocols: {worst_gap:.2e}")
 
     if not args.users and not args.keep_users:

@@ -41,3 +41,13 @@ def test_rlhf_loop_reports_an_unreachable_server(capsys: pytest.CaptureFixture[s
     example = load_example()
     assert example.main(["--url", closed_port_url(), "--retries", "1"]) == 1
     assert "cannot reach the reward server" in capsys.readouterr().err
+
+
+def test_rlhf_loop_custom_pool(rm_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example()
+    pool = tmp_path / "pool.json"
+    pool.write_text('{"I think taxes should be lower.": ["I agree.", "I strongly disagree.", "It depends."]}')
+    assert example.main(["--url", rm_url, "--pool", str(pool), "--steps", "2", "--users", "user-1,user-2"]) == 0
+    assert "I think taxes should be lower." in capsys.readouterr().out
+    pool.write_text('{"p": ["only one"]}')
+    assert example.main(["--url", rm_url, "--pool", str(pool)]) == 2
