@@ -113,3 +113,18 @@ def test_features_feed_the_fitter(form: str, scorers) -> None:
     enc_c, enc_r = scorer.encode(prompts, chosen), scorer.encode(prompts, rejected)
     np.testing.assert_allclose(margins(scorer.head, feats, w), scorer.rewards(enc_c, w) - scorer.rewards(enc_r, w))
     assert fit_user(scorer.head, feats, w).n == 4
+
+
+def test_concurrent_encodes_agree(bundles: dict[str, Path], scorers) -> None:
+    """Many threads sharing one scorer (as the service does) get the same outputs as one thread alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scorer = Scorer.load(bundles["B"], provider="cpu", intra_op_threads=1, max_batch_tokens=256, cache_size=8)
+    expected = scorers["B"].encode(PROMPTS, RESPONSES)
+    slices = [slice(i, i + 4) for i in range(0, len(PROMPTS), 2)] * 2
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda s: (s, scorer.encode(PROMPTS[s], RESPONSES[s])), slices))
+    for s, enc in outs:
+        np.testing.assert_allclose(enc.latent, expected.latent[s], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(enc.prompt_prototypes, expected.prompt_prototypes[s], atol=1e-5, rtol=0)
+    assert scorer.cache_stats()["size"] <= 8
