@@ -5,7 +5,9 @@ Response {"id", "object": "list", "created", "model", "data": [{"index", "label"
           "num_classes": 1}], "usage": {"prompt_tokens", "total_tokens", "completion_tokens"}}
 
 These requests carry no user, so the reward is the population one (the prior mixture of prototypes).
-`probs` holds the raw reward by default; `"activation": true` returns sigmoid(reward) instead.
+`probs` holds the raw reward by default; `"activation": true` (vLLM >= 0.11.2: `"use_activation"`) returns
+sigmoid(reward) instead. verl's reward loop sends exactly {"model", "input": <chat rendered with the RM
+tokenizer's template>, "activation": false} and reads data[-1].probs[-1].
 An input string is usually a conversation rendered with a chat template: it is parsed back into messages and
 rendered with the bundle's template; a string without chat markup is scored as a response to no prompt.
 """
@@ -39,6 +41,7 @@ class ClassifyRequest(BaseModel):
     input: str | list[str] | None = None
     messages: list[MessageIn] | list[list[MessageIn]] | None = None
     activation: bool = Field(default=False, description="sigmoid(reward) instead of the raw reward")
+    use_activation: bool | None = Field(default=None, description="vLLM >= 0.11.2 name of `activation`")
 
     @model_validator(mode="after")
     def _one_input(self) -> ClassifyRequest:
@@ -114,8 +117,10 @@ async def classify(
     tokens = await asyncio.to_thread(pipeline.scorer.count_tokens, [t for p, r, _ in pairs for t in (p, r)])
     n_tokens = int(sum(tokens))
 
+    squash = req.activation if req.use_activation is None else req.use_activation
+
     def value(reward: float) -> float:
-        if not req.activation:
+        if not squash:
             return reward
         # Stable for any sign: PAL-A rewards (negative squared distances) can be far below -709.
         z = math.exp(-abs(reward))

@@ -133,6 +133,18 @@ def test_classify_single_string_messages_and_activation(rm_url: str) -> None:
     assert close([squashed["data"][0]["probs"][0]], [1 / (1 + math.exp(-r))])
 
 
+def test_classify_accepts_verls_reward_loop_payload(rm_url: str) -> None:
+    """verl's disrm reward loop: chat rendered by the RM tokenizer (BOS removed), activation off, last prob read."""
+    rm_prompt = chatml_prompt(PROMPT, system=None) + RESPONSES[1] + "<|im_end|>\n"
+    for flag in ({"activation": False}, {"use_activation": False, "add_special_tokens": False}):
+        resp = httpx.post(f"{rm_url}/classify", json={"model": "/models/pal", "input": rm_prompt, **flag})
+        assert resp.status_code == 200, resp.text
+        score = resp.json()["data"][-1]["probs"][-1]
+        assert close([score], [native(rm_url, [(PROMPT, RESPONSES[1], None)])[0]["reward"]])
+    on = httpx.post(f"{rm_url}/classify", json={"input": rm_prompt, "use_activation": True}).json()
+    assert 0.0 < on["data"][0]["probs"][0] < 1.0
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
