@@ -194,3 +194,17 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+
+
+def test_trainer_side_imports_no_serving_stack() -> None:
+    """The client and adapters run inside trainer processes: httpx only, no torch/onnxruntime/FastAPI/Redis."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.client, service.adapters; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'transformers', 'onnxruntime', 'fastapi', 'redis', 'numpy', 'models'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
