@@ -40,7 +40,9 @@ class Comparison:
     rejected: str
 
     def to_json(self) -> str:
-        return json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False)
+        # ASCII escapes: a lone surrogate (valid in a JSON string, not in UTF-8) is stored and read back intact
+        # instead of failing the Redis write.
+        return json.dumps([self.prompt, self.chosen, self.rejected])
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Comparison:
