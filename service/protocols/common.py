@@ -80,7 +80,7 @@ def check_user_id(value: object, where: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise unprocessable(f"{where} must be a user id string or null, got {type(value).__name__}")
     user = str(value)
-    if not _USER_ID.match(user):
+    if not _USER_ID.fullmatch(user):  # match() would let "$" accept a trailing newline
         raise unprocessable(f"{where} = {user[:40]!r} is not a valid user id ([A-Za-z0-9._:@-]{{1,128}})")
     return user
 
