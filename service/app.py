@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import QueueFull
 from service.config import Settings
@@ -48,7 +48,8 @@ def load_scorer(settings: Settings) -> Scorer:
 
 
 class BodyLimit:
-    """Pure ASGI: refuse bodies whose Content-Length is past Settings.max_body_bytes before reading them."""
+    """Pure ASGI: refuse bodies past Settings.max_body_bytes: by Content-Length before reading them; chunked ones
+    (no Content-Length) by reading at most the limit, so no client makes the service hold an unbounded body."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -56,12 +57,38 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                detail = f"request body of {int(length)} bytes; the limit is {self.max_bytes} (PAL_MAX_BODY_BYTES)"
-                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                await self._refuse(f"request body of {int(length)} bytes", scope, receive, send)
+                return
+            if length is None and b"transfer-encoding" in headers:
+                messages, size = [], 0
+                while True:
+                    message = await receive()
+                    messages.append(message)
+                    size += len(message.get("body", b""))
+                    if size > self.max_bytes:
+                        await self._refuse(f"chunked request body over {self.max_bytes} bytes", scope, receive, send)
+                        return
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        break
+                await self.app(scope, _replay(messages, receive), send)
                 return
         await self.app(scope, receive, send)
+
+    async def _refuse(self, what: str, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"{what}; the limit is {self.max_bytes} (PAL_MAX_BODY_BYTES)"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """The already read body messages first, then the connection's own (e.g. the disconnect)."""
+
+    async def replayed() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
 
 
 async def _start(app: FastAPI, settings: Settings, store: UserStore, scorer: Scorer | None) -> None:
