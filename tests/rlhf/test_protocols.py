@@ -84,6 +84,7 @@ def test_get_reward_is_idempotent_and_stateless(rm_url: str) -> None:
         ({"query": ["Hello there", "Unrelated text"], "prompts": ["Hello", "Name a color."]}, 422, "query[1]"),
         ({"query": ["a b", "c d"], "prompts": ["a"]}, 422, "'prompts' has 1 entries"),
         ({"query": ["a b"], "prompts": ["a"], "labels": ["bad user!"]}, 422, "labels[0]"),
+        ({"query": ["a b"], "prompts": ["a"], "labels": ["user-1\n"]}, 422, "labels[0]"),
         ({"query": ["a b"], "labels": [{"user": 1}]}, 422, "labels"),
         ({"query": [1, 2]}, 422, "query"),
         ({"query": []}, 422, "no queries"),
