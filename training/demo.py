@@ -91,15 +91,15 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[1/4] training a small PAL-B persona model (K=3, MiniLM embeddings) -> {out / 'checkpoint'}")
+    print(f"[1/5] training a small PAL-B persona model (K=3, MiniLM embeddings) -> {out / 'checkpoint'}")
     ckpt = train_small_persona(out / "checkpoint", seed=seed, progress=True)
     meta = json.loads((ckpt / "config.json").read_text())
     print(f"      model {meta['version']}, seen-user test accuracy {meta['metrics'].get('seen_test_accuracy')}")
 
-    print(f"[2/4] exporting the ONNX scorer bundle -> {out / 'bundle'}")
+    print(f"[2/5] exporting the ONNX scorer bundle -> {out / 'bundle'}")
     export_bundle(ckpt, out / "bundle")
 
-    print("[3/4] serving it (pal serve, embedded Redis persisted under runs/), adapting an unseen user")
+    print("[3/5] serving it (pal serve, embedded Redis persisted next to the bundle), adapting an unseen user")
     users = unseen_user_comparisons(seed)
     user_id, (pool, test) = next((u, pt) for u, pt in users.items() if len(pt[0]) >= SHOTS and pt[1])
     report: dict[str, Any] = {"checkpoint": str(ckpt), "bundle": str(out / "bundle"), "model_version": meta["version"]}
@@ -117,7 +117,7 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
             f"confidence {state['confidence']:.3f}"
         )
 
-        print("[4/4] the same responses ranked for different users (RLHF-style group scoring)")
+        print("[4/5] the same responses ranked for different users (RLHF-style group scoring)")
         group_prompt, responses = test[0].prompt, [c.chosen for c in test[:2]] + [c.rejected for c in test[:2]]
         # A user of another persona group (ids carry the group: persona-g<k>-...) shows disagreement.
         other = next((u for u in users if u.split("-")[:2] != user_id.split("-")[:2]), None)
@@ -133,6 +133,15 @@ def run_demo(out: Path, seed: int = 0) -> dict[str, Any]:
                 f"      {uid or 'population prior':>24}: ranking {order}, rewards "
                 f"{[round(s.reward, 2) for s in scores]}"
             )
+        print("[5/5] examples/rlhf_loop.py: GRPO-style groups scored through every protocol, for several users")
+        example = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "rlhf_loop.py"), "--url", url],
+            capture_output=True,
+            text=True,
+        )
+        print("\n".join("      " + line for line in example.stdout.rstrip().splitlines()[-12:]))
+        if example.returncode != 0:
+            raise RuntimeError(f"examples/rlhf_loop.py failed ({example.returncode}):\n{example.stderr[-2000:]}")
         report.update(
             user_id=user_id,
             heldout_pairs=len(test),
