@@ -15,6 +15,7 @@ from models.checkpoint import read_checkpoint, save_checkpoint, update_metrics
 from training.encoded import EncodedComparisons, encode
 from training.fewshot import SHOTS, fewshot_curve, select_prior_strength, zero_shot_accuracy
 from training.presets import Experiment, with_k
+from training.threads import limit_threads
 from training.train import TrainResult, config_dict, seen_accuracy, train_pal
 
 SPLIT_NAMES = ("seen_train", "seen_val", "seen_test", "unseen_pool", "unseen_test")
@@ -50,6 +51,19 @@ def evaluate_model(
     progress: bool = True,
 ) -> dict[str, Any]:
     result, ckpt_dir = train_and_save(exp, k, encs, out_dir / f"k{k}", progress)
+    with limit_threads(1):
+        return _evaluate_checkpoint(result, ckpt_dir, k, encs, shots, prior_strength, progress)
+
+
+def _evaluate_checkpoint(
+    result: TrainResult,
+    ckpt_dir: Path,
+    k: int,
+    encs: dict[str, EncodedComparisons],
+    shots: Sequence[int],
+    prior_strength: float | None,
+    progress: bool,
+) -> dict[str, Any]:
     ckpt = read_checkpoint(ckpt_dir)  # few-shot numbers come from what is on disk, like the service
     head, prior = ckpt.head_params, np.asarray(ckpt.meta.prior_weights)
     strengths: dict[str, float] = {}

@@ -53,7 +53,8 @@ def persona(seed: int = 0, k: int = 3, encoder: str = "all-MiniLM-L6-v2", **para
 def polis(conversation: str, seed: int = 0, k: int = 3, encoder: str = "all-MiniLM-L6-v2", **params) -> Experiment:
     splits = build_polis(PolisParams(conversation=conversation, seed=seed, **params))
     emb = hf_embedder(encoder)
-    return Experiment(splits.name, splits, emb, _text_pal(emb, k), TrainConfig(epochs=30, seed=seed))
+    tc = TrainConfig(epochs=20, batch_size=512, patience=5, seed=seed)
+    return Experiment(splits.name, splits, emb, _text_pal(emb, k), tc)
 
 
 def experiments(name: str, seed: int = 0, k: int = 3, encoder: str = "all-MiniLM-L6-v2") -> list[Experiment]:

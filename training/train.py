@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from models.config import PALConfig
 from models.pal import PALModel, preference_loss
 from training.encoded import EncodedComparisons
+from training.threads import limit_threads
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class TrainConfig:
     hinge_margin: float = 1.0
     patience: int = 10  # stop after this many epochs without a better validation accuracy
     seed: int = 0
+    # The head's matrices are small: one thread avoids OpenMP sync costs that dominate on shared cores.
+    threads: int = 1
 
 
 @dataclass
@@ -81,7 +84,18 @@ def evaluate(model: PALModel, batches: Batches, chunk: int = 8192) -> tuple[floa
 
 
 def train_pal(
-    cfg: PALConfig, train: EncodedComparisons, val: EncodedComparisons, tc: TrainConfig = TrainConfig(), progress=True
+    cfg: PALConfig,
+    train: EncodedComparisons,
+    val: EncodedComparisons,
+    tc: TrainConfig = TrainConfig(),
+    progress: bool = True,
+) -> TrainResult:
+    with limit_threads(tc.threads):
+        return _train(cfg, train, val, tc, progress)
+
+
+def _train(
+    cfg: PALConfig, train: EncodedComparisons, val: EncodedComparisons, tc: TrainConfig, progress: bool
 ) -> TrainResult:
     torch.manual_seed(tc.seed)
     user_ids = sorted(set(train.users))

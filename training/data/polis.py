@@ -24,7 +24,7 @@ class PolisParams:
     conversation: str = "canadian-electoral-reform"
     unseen_fraction: float = 0.2
     split_fractions: tuple[float, float] = (0.7, 0.15)  # statements: train, val; test gets the rest
-    train_pairs: int = 60  # per seen participant, at most
+    train_pairs: int = 30  # per seen participant, at most
     val_pairs: int = 20
     test_pairs: int = 20
     pool_pairs: int = 50  # per unseen participant, at most
