@@ -1,0 +1,168 @@
+"""Malformed or malicious model files: a clear error at load naming the file, and never code execution.
+
+A pickle planted where weights are expected would, if anything unpickled it, create a marker file; the loaders
+only read safetensors, ONNX and JSON, so the marker must never appear — through the scorer, the checkpoint
+reader, the torch loader, export, and `pal serve` as a real process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from models import bundle as B
+from models import checkpoint as C
+from models.bundle import BundleError
+from tests.reliability.procs import REPO
+
+
+class _Payload:
+    """Unpickling this opens (creates) the marker file: the proof of code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+def _pickles(marker: Path) -> dict[str, bytes]:
+    plain = {p: pickle.dumps({"weights": _Payload(marker)}, protocol=p) for p in (2, 4, 5)}
+    torch_like = io.BytesIO()  # the zip layout torch.save writes, with the payload in data.pkl
+    with zipfile.ZipFile(torch_like, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(_Payload(marker), protocol=2))
+        z.writestr("archive/version", "3\n")
+    return {**{f"pickle-{p}": data for p, data in plain.items()}, "torch-zip": torch_like.getvalue()}
+
+
+def _copy_bundle(bundle: Path, dest: Path) -> Path:
+    """A bundle copy whose ~90 MB graph is a symlink unless the test replaces it."""
+    dest.mkdir(parents=True)
+    for p in bundle.iterdir():
+        if p.suffix == ".onnx":
+            (dest / p.name).symlink_to(p)
+        elif p.is_dir():
+            shutil.copytree(p, dest / p.name)
+        else:
+            shutil.copy(p, dest / p.name)
+    return dest
+
+
+def _plant(path: Path, data: bytes) -> None:
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.write_bytes(data)
+
+
+def _load_bundle(path: Path):
+    from models.scorer import Scorer
+
+    return Scorer.load(path, provider="cpu", intra_op_threads=1)
+
+
+def test_the_planted_payload_is_live(tmp_path: Path) -> None:
+    """Control: unpickling the payload does create the marker, so its absence below means nothing unpickled it."""
+    marker = tmp_path / "PWNED"
+    pickle.loads(_pickles(marker)["pickle-5"])
+    assert marker.exists()
+
+
+BUNDLE_TARGETS = [B.HEAD_FILE, B.USERS_FILE, B.GRAPH_FP32, f"{B.TOKENIZER_DIR}/{B.TOKENIZER_FILE}", B.CONFIG_FILE]
+
+
+@pytest.mark.parametrize("target", BUNDLE_TARGETS)
+def test_pickle_planted_in_a_bundle_is_refused_without_running_it(target: str, bundle: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    for kind, data in _pickles(marker).items():
+        copy = _copy_bundle(bundle, tmp_path / kind)
+        _plant(copy / target, data)
+        with pytest.raises(BundleError) as err:
+            _load_bundle(copy)
+        assert Path(target).name.split(".")[0] in str(err.value) or "config" in str(err.value), str(err.value)
+        assert not marker.exists(), f"unpickled {kind} planted as {target}"
+
+
+@pytest.mark.parametrize("target", [C.MODEL_FILE, C.USERS_FILE, C.USER_IDS_FILE, C.CONFIG_FILE])
+def test_pickle_planted_in_a_checkpoint_is_refused_by_every_reader(target: str, bundle: Path, tmp_path: Path) -> None:
+    from models.export import ExportError, export_bundle
+
+    marker = tmp_path / "PWNED"
+    source = bundle.parent / "checkpoint-B"
+    for kind, data in _pickles(marker).items():
+        ckpt = tmp_path / kind
+        shutil.copytree(source, ckpt)
+        _plant(ckpt / target, data)
+        with pytest.raises(C.CheckpointError):
+            C.read_checkpoint(ckpt)
+        with pytest.raises(C.CheckpointError):
+            C.load_model(ckpt)  # the torch path reads the same safetensors, never torch.load
+        with pytest.raises((C.CheckpointError, ExportError)):
+            export_bundle(ckpt, tmp_path / f"out-{kind}")
+        assert not marker.exists(), f"unpickled {kind} planted as {target}"
+
+
+def _truncations(data: bytes) -> dict[str, bytes]:
+    header_len = struct.unpack("<Q", data[:8])[0]
+    return {
+        "empty": b"",
+        "7 bytes": data[:7],
+        "header cut": data[: 8 + header_len // 2],
+        "tensors cut": data[: len(data) // 2 + 8 + header_len // 2],
+        "one byte short": data[:-1],
+        "huge header length": struct.pack("<Q", 2**62) + data[8:],
+        "header not json": data[:8] + b"\xff" * header_len + data[8 + header_len :],
+    }
+
+
+@pytest.mark.parametrize("target", [B.HEAD_FILE, B.USERS_FILE])
+def test_truncated_or_corrupt_safetensors_are_clear_errors(target: str, bundle: Path, tmp_path: Path) -> None:
+    for why, data in _truncations((bundle / target).read_bytes()).items():
+        copy = _copy_bundle(bundle, tmp_path / why.replace(" ", "-"))
+        _plant(copy / target, data)
+        with pytest.raises(BundleError, match=target.split(".")[0]):
+            _load_bundle(copy)
+
+
+def test_truncated_checkpoint_weights_are_clear_errors(bundle: Path, tmp_path: Path) -> None:
+    source = bundle.parent / "checkpoint-B"
+    for target in (C.MODEL_FILE, C.USERS_FILE):
+        for why, data in _truncations((source / target).read_bytes()).items():
+            ckpt = tmp_path / f"{target}-{why.replace(' ', '-')}"
+            shutil.copytree(source, ckpt)
+            _plant(ckpt / target, data)
+            with pytest.raises(C.CheckpointError):
+                C.read_checkpoint(ckpt)
+
+
+def test_truncated_and_garbage_onnx_graphs_are_clear_errors(bundle: Path, tmp_path: Path) -> None:
+    with open(bundle / B.GRAPH_FP32, "rb") as f:
+        head = f.read(1 << 20)
+    for why, data in {"truncated": head, "garbage": b"\x08\x07garbage" * 1000, "empty": b""}.items():
+        copy = _copy_bundle(bundle, tmp_path / why)
+        _plant(copy / B.GRAPH_FP32, data)
+        with pytest.raises(BundleError, match="ONNX|onnx|model"):
+            _load_bundle(copy)
+
+
+def test_pal_serve_refuses_a_poisoned_bundle_and_exits(bundle: Path, tmp_path: Path) -> None:
+    """The real entry point: a pickle as head weights stops `pal serve` with an error naming the file."""
+    marker = tmp_path / "PWNED"
+    copy = _copy_bundle(bundle, tmp_path / "poisoned")
+    _plant(copy / B.HEAD_FILE, _pickles(marker)["pickle-5"])
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PAL_PROVIDER": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", str(copy), "--port", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "BundleError" in proc.stderr and B.HEAD_FILE in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
