@@ -13,8 +13,8 @@ from training.data.simulated import SimulatedParams, build_simulated
 from training.embed import CachedEncoder, Embedder, TableEmbedder
 from training.train import TrainConfig
 
-PresetName = Literal["simulated", "persona", "polis"]
-PRESETS: tuple[str, ...] = ("simulated", "persona", "polis")
+PresetName = Literal["simulated", "persona", "polis", "polis-pairs"]
+PRESETS: tuple[str, ...] = ("simulated", "persona", "polis", "polis-pairs")
 
 
 @dataclass
@@ -62,11 +62,12 @@ def experiments(name: str, seed: int = 0, k: int = 3, encoder: str = "all-MiniLM
         return [simulated(seed, k)]
     if name == "persona":
         return [persona(seed, k, encoder)]
-    if name == "polis":
+    if name in ("polis", "polis-pairs"):
         convs = conversations()
         if not convs:
             raise FileNotFoundError("no Polis conversations found; set PAL_DATA_DIR to the shared data directory")
-        return [polis(c, seed, k, encoder) for c in convs]
+        holdout = "pairs" if name == "polis-pairs" else "statements"
+        return [polis(c, seed, k, encoder, holdout=holdout) for c in convs]
     raise ValueError(f"unknown preset {name!r}: expected one of {PRESETS}")
 
 

@@ -105,3 +105,14 @@ def test_polis_builder() -> None:
 
 def test_polis_topic_from_name() -> None:
     assert topic("ssis.land-bank-farmland.2rumnecbeh.2021-08-01").startswith("Ssis: land bank farmland")
+
+
+@needs_polis
+def test_polis_pairs_holdout_keeps_pairs_disjoint() -> None:
+    conv = conversations()[0]
+    s = build_polis(PolisParams(conversation=conv, holdout="pairs", train_pairs=10, pool_pairs=10))
+    key = lambda c: (c.user_id, c.chosen, c.rejected)  # noqa: E731
+    train = {key(c) for c in s.seen_train}
+    assert train and train.isdisjoint(map(key, s.seen_val)) and train.isdisjoint(map(key, s.seen_test))
+    assert {key(c) for c in s.unseen_pool}.isdisjoint(map(key, s.unseen_test))
+    assert set(s.seen_users).isdisjoint(s.unseen_users)

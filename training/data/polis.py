@@ -1,9 +1,12 @@
 """Real people's preferences from Polis conversations: a statement a participant agreed with is preferred
 over one they disagreed with; the prompt is the conversation's topic.
 
-Each conversation's (unmoderated) statements are split into train / val / test pools, so every held-out
-pair is made of statements the model never trained on. Whole participants are held out as unseen users:
-their few-shot pool is drawn from train statements, their test pairs from test statements.
+Two hold-out modes. "statements" (default, the strict one): each conversation's (unmoderated) statements are
+split into train / val / test pools, so every held-out pair is made of statements the model never trained on
+(a reward model must score new responses). "pairs": a participant's pairs are split, statements are shared
+across splits (other participants' votes on a test statement are in training: collaborative filtering).
+Whole participants are held out as unseen users in both modes: their few-shot pool and their test pairs are
+disjoint (by statement pool, or by pair).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import csv
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -22,6 +26,7 @@ from training.data.schema import Comparison, PreferenceSplits
 @dataclass(frozen=True)
 class PolisParams:
     conversation: str = "canadian-electoral-reform"
+    holdout: Literal["statements", "pairs"] = "statements"
     unseen_fraction: float = 0.2
     split_fractions: tuple[float, float] = (0.7, 0.15)  # statements: train, val; test gets the rest
     train_pairs: int = 30  # per seen participant, at most
@@ -72,13 +77,34 @@ def _votes(path: Path) -> dict[str, dict[str, int]]:
 
 
 def _pairs(
-    uid: str, prompt: str, votes: dict[str, int], pool: set[str], text: dict[str, str], n: int, rng: np.random.Generator
+    uid: str, prompt: str, votes: dict[str, int], pool: set[str], text: dict[str, str], rng: np.random.Generator
 ) -> list[Comparison]:
+    """Every (agreed, disagreed) pair of the user within `pool`, in a seeded random order."""
     agreed = sorted(c for c, v in votes.items() if v == 1 and c in pool)
     disagreed = sorted(c for c, v in votes.items() if v == -1 and c in pool)
     combos = [(a, d) for a in agreed for d in disagreed]
-    pick = rng.permutation(len(combos))[:n]
-    return [Comparison(uid, prompt, text[combos[i][0]], text[combos[i][1]]) for i in pick]
+    return [Comparison(uid, prompt, text[combos[i][0]], text[combos[i][1]]) for i in rng.permutation(len(combos))]
+
+
+def _user_splits(
+    uid: str,
+    prompt: str,
+    votes: dict[str, int],
+    pools: list[set[str]],
+    text: dict[str, str],
+    sizes: list[int],
+    holdout: str,
+    rng: np.random.Generator,
+) -> list[list[Comparison]]:
+    """One user's comparisons for consecutive splits of the given sizes (at most)."""
+    if holdout == "pairs":
+        everything = _pairs(uid, prompt, votes, pools[0] | pools[-1], text, rng)
+        out, start = [], 0
+        for n in sizes:
+            out.append(everything[start : start + n])
+            start += len(out[-1])
+        return out
+    return [_pairs(uid, prompt, votes, pool, text, rng)[:n] for pool, n in zip(pools, sizes, strict=True)]
 
 
 def build_polis(p: PolisParams = PolisParams()) -> PreferenceSplits:
@@ -91,6 +117,8 @@ def build_polis(p: PolisParams = PolisParams()) -> PreferenceSplits:
     a = int(len(cids) * p.split_fractions[0])
     b = a + int(len(cids) * p.split_fractions[1])
     train_c, val_c, test_c = set(cids[:a]), set(cids[a:b]), set(cids[b:])
+    if p.holdout == "pairs":
+        train_c = val_c = test_c = set(cids)
     prompt = topic(p.conversation)
     parts: dict[str, list[Comparison]] = {s: [] for s in ("train", "val", "test", "pool", "utest")}
     participants = sorted(votes, key=int)
@@ -99,19 +127,29 @@ def build_polis(p: PolisParams = PolisParams()) -> PreferenceSplits:
         uid = f"{p.conversation}/{pid}"  # the real participant id, namespaced by conversation
         v = votes[pid]
         if pid in unseen:
-            pool = _pairs(uid, prompt, v, train_c, text, p.pool_pairs, rng)
-            test = _pairs(uid, prompt, v, test_c, text, p.unseen_test_pairs, rng)
+            pool, test = _user_splits(
+                uid, prompt, v, [train_c, test_c], text, [p.pool_pairs, p.unseen_test_pairs], p.holdout, rng
+            )
             if pool and test:  # an unseen user needs something to adapt on and something to score
                 parts["pool"] += pool
                 parts["utest"] += test
         else:
-            train = _pairs(uid, prompt, v, train_c, text, p.train_pairs, rng)
+            train, val, test = _user_splits(
+                uid,
+                prompt,
+                v,
+                [train_c, val_c, test_c],
+                text,
+                [p.train_pairs, p.val_pairs, p.test_pairs],
+                p.holdout,
+                rng,
+            )
             if train:
                 parts["train"] += train
-                parts["val"] += _pairs(uid, prompt, v, val_c, text, p.val_pairs, rng)
-                parts["test"] += _pairs(uid, prompt, v, test_c, text, p.test_pairs, rng)
+                parts["val"] += val
+                parts["test"] += test
     return PreferenceSplits(
-        name=f"polis/{p.conversation}",
+        name=f"polis/{p.conversation}" + ("" if p.holdout == "statements" else f"/{p.holdout}"),
         seen_train=parts["train"],
         seen_val=parts["val"],
         seen_test=parts["test"],
