@@ -77,13 +77,18 @@ def _votes(path: Path) -> dict[str, dict[str, int]]:
 
 
 def _pairs(
-    uid: str, prompt: str, votes: dict[str, int], pool: set[str], text: dict[str, str], rng: np.random.Generator
+    uid: str, prompt: str, votes: dict[str, int], pool: set[str], text: dict[str, str], n: int, rng: np.random.Generator
 ) -> list[Comparison]:
-    """Every (agreed, disagreed) pair of the user within `pool`, in a seeded random order."""
+    """n distinct (agreed, disagreed) pairs of the user within `pool`, seeded; all of them if there are fewer.
+
+    Pairs are drawn by index into the agreed x disagreed grid: heavy voters have tens of thousands of pairs."""
     agreed = sorted(c for c, v in votes.items() if v == 1 and c in pool)
     disagreed = sorted(c for c, v in votes.items() if v == -1 and c in pool)
-    combos = [(a, d) for a in agreed for d in disagreed]
-    return [Comparison(uid, prompt, text[combos[i][0]], text[combos[i][1]]) for i in rng.permutation(len(combos))]
+    total = len(agreed) * len(disagreed)
+    picks = rng.choice(total, size=min(n, total), replace=False) if total else []
+    return [
+        Comparison(uid, prompt, text[agreed[i // len(disagreed)]], text[disagreed[i % len(disagreed)]]) for i in picks
+    ]
 
 
 def _user_splits(
@@ -98,13 +103,13 @@ def _user_splits(
 ) -> list[list[Comparison]]:
     """One user's comparisons for consecutive splits of the given sizes (at most)."""
     if holdout == "pairs":
-        everything = _pairs(uid, prompt, votes, pools[0] | pools[-1], text, rng)
+        everything = _pairs(uid, prompt, votes, pools[0] | pools[-1], text, sum(sizes), rng)
         out, start = [], 0
         for n in sizes:
             out.append(everything[start : start + n])
             start += len(out[-1])
         return out
-    return [_pairs(uid, prompt, votes, pool, text, rng)[:n] for pool, n in zip(pools, sizes, strict=True)]
+    return [_pairs(uid, prompt, votes, pool, text, n, rng) for pool, n in zip(pools, sizes, strict=True)]
 
 
 def build_polis(p: PolisParams = PolisParams()) -> PreferenceSplits:
