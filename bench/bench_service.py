@@ -8,7 +8,7 @@ minimal keep-alive HTTP/1.1 client on asyncio streams (one connection per concur
 client costs little CPU next to the server on small machines. Every request carries a user id with stored
 weights, so each one pays the Redis lookup. Each concurrency level gets texts no earlier step has seen (the
 embedding cache cannot flatter it); the bare scorer is timed on exactly those items with an empty cache:
-one encode() call (its own dedup + token-budget batching) + rewards().
+one encode() call (its own dedup + token-budget batching) + rewards(), in rounds alternating with the service.
 Also reports the time of fitting one user (models.head.fit_user) on 100 comparisons, encoding excluded.
 """
 
@@ -95,13 +95,13 @@ async def load(port: int, bodies: list[bytes], concurrency: int) -> tuple[float,
     return time.perf_counter() - t0, latencies
 
 
-def bare_scorer(scorer, items: list[dict[str, str]], weights: np.ndarray) -> float:
-    """Items per second of the scorer alone on these items, cache emptied first."""
+def bare_scorer_seconds(scorer, items: list[dict[str, str]], weights: np.ndarray) -> float:
+    """Seconds the scorer alone takes on these items (one encode call + rewards), cache emptied first."""
     scorer.clear_cache()
     t0 = time.perf_counter()
     enc = scorer.encode([it["prompt"] for it in items], [it["response"] for it in items])
     scorer.rewards(enc, np.broadcast_to(weights, (len(items), len(weights))))
-    return len(items) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def fit_time_ms(scorer, n: int = 100, repeats: int = 30) -> dict[str, float]:
@@ -152,7 +152,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, help="scorer bundle (default: a random-head MiniLM bundle built now)")
     ap.add_argument("--requests", default="200,400,1200", help="requests at concurrency 1,8,64")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, server and bare alike")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads, server and bare alike (0: all cores)"
+    )
+    ap.add_argument("--rounds", type=int, default=4, help="alternating bare/service rounds per concurrency level")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,23 +188,26 @@ def main() -> None:
         asyncio.run(load(port, [json.dumps({"items": [it]}).encode() for it in make_items(64, "warm", 2)], 8))
 
         for level, (conc, n) in enumerate(levels):
-            items = make_items(n, f"c{conc}", seed=10 + level)
-            bodies = [json.dumps({"items": [it]}).encode() for it in items]
-            # The bare scorer runs just before and just after the service on the same items; their mean is the
-            # reference, so load from other processes drifting during the step affects both sides alike.
-            bare_before = bare_scorer(scorer, items, weights)
-            wall, lat = asyncio.run(load(port, bodies, conc))
-            service_ips = n / wall
-            bare_ips = (bare_before + bare_scorer(scorer, items, weights)) / 2
+            # Rounds alternate bare scorer and service on fresh items, so load from other processes drifting
+            # during the step (a shared machine) weighs on both sides alike.
+            service_s = bare_s = 0.0
+            lat: list[float] = []
+            for rnd in range(args.rounds):
+                items = make_items(n // args.rounds, f"c{conc}r{rnd}", seed=100 * level + rnd)
+                bare_s += bare_scorer_seconds(scorer, items, weights)
+                wall, rnd_lat = asyncio.run(load(port, [json.dumps({"items": [it]}).encode() for it in items], conc))
+                service_s += wall
+                lat += rnd_lat
+            done = args.rounds * (n // args.rounds)
             lat_ms = np.asarray(lat) * 1000
             row = {
                 "concurrency": conc,
-                "requests": n,
-                "service_items_per_s": round(service_ips, 1),
+                "requests": done,
+                "service_items_per_s": round(done / service_s, 1),
                 "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
                 "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
-                "bare_scorer_items_per_s": round(bare_ips, 1),
-                "ratio": round(service_ips / bare_ips, 3),
+                "bare_scorer_items_per_s": round(done / bare_s, 1),
+                "ratio": round(bare_s / service_s, 3),
             }
             results["levels"].append(row)
             print(json.dumps(row), flush=True)

@@ -162,3 +162,14 @@ async def test_redis_down_scores_with_cached_weights_or_prior_and_adapt_is_503(s
         h = await c.get("/health")
         assert h.status_code == 200 and h.json()["redis"].startswith("unreachable")
         assert 'pal_redis_errors_total{op="adapt"} 1.0' in (await c.get("/metrics")).text
+
+
+async def test_health_is_503_while_loading_then_200(settings) -> None:
+    # No preloaded scorer: the app loads the bundle in the background and must say so until it is warm.
+    async with running_app(settings, scorer=None, wait_ready=False) as c:
+        first = await c.get("/health")
+        assert first.status_code == 503 and first.json()["status"] == "loading" and first.json()["warm"] is False
+        assert (await c.post("/score", json={"items": [ITEM]})).status_code == 503
+        await asyncio.wait_for(asyncio.shield(c.app.state.startup), timeout=120)
+        assert (await c.get("/health")).status_code == 200
+        assert (await c.post("/score", json={"items": [ITEM]})).status_code == 200
