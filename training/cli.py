@@ -64,11 +64,14 @@ def train(
     k: Annotated[int, typer.Option(help="number of prototypes K")] = 3,
     seed: Annotated[int, typer.Option(help="data and training seed")] = 0,
     encoder: Annotated[str, typer.Option(help="HF id or local path of the frozen encoder")] = "all-MiniLM-L6-v2",
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL splits directory from `pal build-data` (overrides --preset)")
+    ] = None,
 ) -> None:
-    """Train one PAL model on a preset and save a checkpoint."""
+    """Train one PAL model on a preset (or JSONL splits) and save a checkpoint."""
     from training.pipeline import dumps, train_one
 
-    typer.echo(dumps(train_one(preset, out, k, seed, encoder)))
+    typer.echo(dumps(train_one(preset, out, k, seed, encoder, data)))
 
 
 @app.command("eval")

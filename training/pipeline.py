@@ -65,9 +65,24 @@ def build_data(preset: str, out: Path, seed: int = 0) -> dict[str, Any]:
     return {exp.name: exp.splits.describe() for exp in exps}
 
 
-def train_one(preset: str, out: Path, k: int = 3, seed: int = 0, encoder: str = "all-MiniLM-L6-v2") -> dict[str, Any]:
-    """Train one model on a preset (the first experiment of it for Polis) and save the checkpoint."""
-    exp = experiments(preset, seed, k, encoder)[0]
+def train_one(
+    preset: str,
+    out: Path,
+    k: int = 3,
+    seed: int = 0,
+    encoder: str = "all-MiniLM-L6-v2",
+    data: Path | None = None,
+) -> dict[str, Any]:
+    """Train one model and save the checkpoint: on a preset (the first conversation for Polis), or on JSONL
+    splits written by `pal build-data` (text data, PAL-B on the given encoder)."""
+    if data is not None:
+        splits = PreferenceSplits.load(data)
+        if splits.info.get("builder") == "simulated":
+            raise ValueError("simulated JSONL holds item ids, not text: train it with --preset simulated")
+        emb = CachedEncoder(EncoderSpec(name_or_path=encoder))
+        exp = Experiment(splits.name, splits, emb, _text_pal(emb, k), TrainConfig(seed=seed))
+    else:
+        exp = experiments(preset, seed, k, encoder)[0]
     encs = encode_splits(exp)
     result, ckpt = train_and_save(exp, k, encs, out, True)
     update_metrics(ckpt, {"seen_test_accuracy": seen_accuracy(result, encs["seen_test"])})
