@@ -71,7 +71,7 @@ def test_embedding_cache_is_reused(tmp_path: Path) -> None:
     not (data_dir() / "anthropic-persona" / "persona").is_dir(), reason=f"persona data absent at {data_dir()}"
 )
 def test_small_persona_model_adapts_to_unseen_users(tmp_path: Path) -> None:
-    from models.head import fit_user
+    from models.head import fit_user, margins
     from training.embed import CachedEncoder
     from training.encoded import encode
     from training.fewshot import FeatureTable
@@ -85,8 +85,6 @@ def test_small_persona_model_adapts_to_unseen_users(tmp_path: Path) -> None:
     assert users and set(users).isdisjoint(ckpt.user_ids)
     emb = CachedEncoder(ckpt.meta.encoder)
     head = ckpt.head_params
-    from models.head import margins
-
     accs = []
     for pool, test in users.values():
         fit = fit_user(
@@ -97,3 +95,20 @@ def test_small_persona_model_adapts_to_unseen_users(tmp_path: Path) -> None:
         t = FeatureTable.build(head, encode(test, emb, "B"))
         accs.append(accuracy_of_margins(margins(head, t.features(np.arange(len(test))), fit.weights)))
     assert np.mean(accs) >= 0.85
+
+
+def test_prior_strength_is_picked_on_seen_validation(sim_report: tuple[dict, Path]) -> None:
+    from training.evaluate import encode_splits
+    from training.fewshot import select_prior_strength
+
+    _, out = sim_report
+    exp = simulated(
+        seed=0, n_seen_users=15, n_unseen_users=9, train_pairs=100, val_pairs=30, test_pairs=30, unseen_test_pairs=50
+    )
+    encs = encode_splits(exp)
+    ckpt = read_checkpoint(out / "k3")
+    best, scores = select_prior_strength(
+        ckpt.head_params, np.asarray(ckpt.meta.prior_weights), encs["seen_train"], encs["seen_val"], (1, 5), (0.1, 10.0)
+    )
+    assert set(scores) == {"0.1", "10.0"} and all(0.5 < v <= 1.0 for v in scores.values())
+    assert scores[str(best)] == max(scores.values())
