@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -173,3 +174,38 @@ async def test_health_is_503_while_loading_then_200(settings) -> None:
         await asyncio.wait_for(asyncio.shield(c.app.state.startup), timeout=120)
         assert (await c.get("/health")).status_code == 200
         assert (await c.post("/score", json={"items": [ITEM]})).status_code == 200
+
+
+async def test_client_disconnect_drops_its_queued_work(settings, scorer_b) -> None:
+    # Drive the ASGI app by hand: the client sends its request, then hangs up while the item waits for a batch.
+    settings.max_wait_ms = 300
+    async with running_app(settings, scorer_b) as c:
+        body = json.dumps({"items": [{"prompt": "p", "response": "never encoded"}]}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        hung_up = asyncio.Event()
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await hung_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/score", "raw_path": b"/score", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000), "server": ("pal", 80),
+        }
+        call = asyncio.create_task(c.app(scope, receive, send))
+        await asyncio.sleep(0.1)
+        assert c.app.state.pipeline.batcher.queue_depth == 1
+        hung_up.set()
+        await call
+        await asyncio.sleep(0.4)  # past max_wait: the worker would have encoded it by now
+        assert c.app.state.pipeline.batcher.queue_depth == 0
+        assert "pal_batch_items_count 0.0" in (await c.get("/metrics")).text
+        assert sent[0]["status"] == 499
