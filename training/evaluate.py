@@ -168,5 +168,7 @@ def run_preset(
     report = {"title": title, "ks": list(ks), "shots": list(shots), "summary": summary, "experiments": reports}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    plot(summary, shots, out_dir / "fewshot.png", title or ", ".join(r["experiment"] for r in reports[:1]))
+    if len(reports) > 1:
+        title = f"{title}: mean over {len(reports)} data sets"
+    plot(summary, shots, out_dir / "fewshot.png", title or reports[0]["experiment"])
     return report
