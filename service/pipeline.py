@@ -281,8 +281,9 @@ class Pipeline:
             enc = await self.batcher.encode(prompts + prompts, texts)
             m = len(idx)
             for j, i in enumerate(idx):
-                protos = None if enc.prompt_prototypes is None else enc.prompt_prototypes[j]
-                rows[i] = (enc.latent[j], enc.latent[m + j], protos)
+                protos = None if enc.prompt_prototypes is None else enc.prompt_prototypes[j].copy()
+                # Copies, not views: a cached row must not keep its whole encoder batch alive.
+                rows[i] = (enc.latent[j].copy(), enc.latent[m + j].copy(), protos)
                 self._features.put(keys[i], rows[i])
         chosen = np.stack([r[0] for r in rows]).astype(np.float64)
         rejected = np.stack([r[1] for r in rows]).astype(np.float64)
