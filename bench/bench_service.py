@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -228,6 +229,7 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
                 "max_body_bytes": s.max_body_bytes,
             },
             seen_users=len(pipeline.seen),
+            user_state=dict(pipeline.migration),
         )
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

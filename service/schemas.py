@@ -103,6 +103,7 @@ class Info(BaseModel):
     provider: str
     limits: dict[str, int | float]
     seen_users: int
+    user_state: dict[str, int | str] = Field(description="start-up seeding of checkpoint users and refits")
 
 
 def _check_text(where: str, text: str, limit: int) -> None:

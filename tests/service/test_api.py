@@ -129,6 +129,7 @@ async def test_health_info_metrics_docs_are_open(settings, scorer_b) -> None:
         info = (await c.get("/info")).json()
         assert info["k"] == 3 and info["form"] == "B" and info["model_version"] == scorer_b.meta.version
         assert info["limits"]["max_items_per_request"] == settings.max_items_per_request
+        assert info["user_state"]["state"] == "done" and info["user_state"]["seeded"] == 4
         await c.post("/score", json={"items": [{"response": "x"}]}, headers={"Authorization": "Bearer s3cret"})
         text = (await c.get("/metrics")).text
         assert 'pal_http_requests_total{method="POST",route="/score",status="200"} 1.0' in text
