@@ -136,3 +136,18 @@ async def test_health_info_metrics_docs_are_open(settings, scorer_b) -> None:
         assert "pal_batch_items_count" in text and "pal_queue_depth" in text and 'cache="encoder"' in text
         assert (await c.get("/docs")).status_code == 200
         assert "/users/{user_id}/adapt" in (await c.get("/openapi.json")).json()["paths"]
+
+
+async def test_redis_url_selects_an_external_server_which_the_app_leaves_running(settings, scorer_b, tmp_path) -> None:
+    from service.redis_conn import start_embedded, stop_embedded
+
+    server = start_embedded(tmp_path / "external")
+    try:
+        settings.redis_url = f"unix://{server.socket_file}"
+        async with running_app(settings, scorer_b) as c:
+            assert c.app.state.redis.embedded is None and c.app.state.redis.where == settings.redis_url
+            assert (await c.post("/users/ext/adapt", json={"comparisons": [CMP]})).status_code == 200
+        assert server.ping() and server.llen("pal:u:{ext}:c") == 1
+        assert not (settings.redis_data_dir / "pal.rdb").exists()  # no embedded server was started
+    finally:
+        stop_embedded(server)
