@@ -245,6 +245,11 @@ class ChatRenderer:
     bos_token: str = ""
     eos_token: str = ""
 
+    def __post_init__(self) -> None:
+        # A template that does not compile must stop the model from loading, not fail the first chat request.
+        if self.template is not None:
+            _compile_template(self.template)
+
     def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         msgs = [{"role": message_role(m), "content": message_text(m)} for m in messages]
         try:

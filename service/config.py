@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.chat import DEFAULT_STRIP_TOKENS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAL_", extra="ignore")
@@ -33,6 +35,15 @@ class Settings(BaseSettings):
     max_comparisons_per_request: int = Field(default=512, ge=1)
     max_comparisons_per_user: int = Field(default=2000, ge=1, description="stored per user; oldest dropped")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="request bodies above this get 413")
+
+    # --- chat rendering and RLHF protocols
+    strip_tokens: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STRIP_TOKENS),
+        description="pad/BOS/EOS tokens stripped from the edges of texts (JSON list in PAL_STRIP_TOKENS)",
+    )
+    chat_include_system: bool = Field(
+        default=False, description="keep system messages in the default (template-less) chat rendering"
+    )
 
     # --- user fitting
     prior_strength: float = Field(default=1.0, gt=0, description="Gaussian prior on logits around the population")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from redis.exceptions import RedisError
 
+from models.chat import ChatRenderer
 from models.head import ComparisonFeatures, fit_user
 from service.batcher import Batcher
 from service.config import Settings
@@ -113,6 +114,12 @@ class Pipeline:
         self.k: int = scorer.meta.pal.k
         self.prior = np.asarray(scorer.meta.prior_weights, dtype=np.float64)
         self.seen = scorer.seen_users()
+        # The chat template comes from the bundle, so the renderer lives and dies with the loaded model.
+        self.chat = ChatRenderer(
+            template=getattr(scorer.meta, "chat_template", None),
+            include_system=settings.chat_include_system,
+            strip_tokens=tuple(settings.strip_tokens),
+        )
         self.batcher = Batcher(
             scorer.encode,
             max_batch_tokens=settings.max_batch_tokens,

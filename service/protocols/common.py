@@ -10,30 +10,15 @@ import re
 from collections.abc import Sequence
 
 from fastapi import HTTPException, Request
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel
 
-from models.chat import DEFAULT_STRIP_TOKENS, ChatFormatError, ChatRenderer
+from models.chat import ChatFormatError, ChatRenderer
 from service.config import Settings
 from service.pipeline import Pipeline, ScoreItem, ScoreResult
 from service.routes import until_disconnect
 from service.schemas import USER_ID_PATTERN, LimitError
 
 _USER_ID = re.compile(USER_ID_PATTERN)
-
-
-class ProtocolSettings(BaseSettings):
-    """Protocol-only options (PAL_ prefix), kept apart from the service Settings they extend."""
-
-    model_config = SettingsConfigDict(env_prefix="PAL_", extra="ignore")
-
-    strip_tokens: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_STRIP_TOKENS),
-        description="pad/BOS/EOS tokens stripped from the edges of texts (JSON list in PAL_STRIP_TOKENS)",
-    )
-    chat_include_system: bool = Field(
-        default=False, description="keep system messages in the default (template-less) chat rendering"
-    )
 
 
 class ErrorBody(BaseModel):
@@ -50,23 +35,9 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 }
 
 
-_renderers: dict[tuple[str, int], ChatRenderer] = {}
-
-
 def renderer_for(pipeline: Pipeline) -> ChatRenderer:
-    """One renderer per loaded model (the chat template comes from the bundle)."""
-    key = (pipeline.version, id(pipeline))
-    renderer = _renderers.get(key)
-    if renderer is None:
-        opts = ProtocolSettings()
-        renderer = ChatRenderer(
-            template=getattr(pipeline.scorer.meta, "chat_template", None),
-            include_system=opts.chat_include_system,
-            strip_tokens=tuple(opts.strip_tokens),
-        )
-        _renderers.clear()  # only the current model's renderer is ever needed
-        _renderers[key] = renderer
-    return renderer
+    """The loaded model's renderer (its chat template comes from the bundle)."""
+    return pipeline.chat
 
 
 def unprocessable(message: str) -> HTTPException:
