@@ -246,11 +246,15 @@ def test_sigkill_mid_adapt_leaves_consistent_state_and_a_restart_carries_on(
                         ]
 
                     # A first wave is acknowledged; a second (6 x 12 new comparisons to encode and fit) is in
-                    # flight when the service dies.
+                    # flight when the service dies: killed as soon as one of its appends reached Redis, i.e.
+                    # while the refit that would answer it is encoding or fitting.
                     wave1 = send(0, 3)
                     await asyncio.wait(wave1, timeout=60)
+                    acked_seq = int(r.get(ckey(user, "seq")))
                     wave2 = send(3, 6)
-                    await asyncio.sleep(0.2)
+                    deadline = time.monotonic() + 60
+                    while int(r.get(ckey(user, "seq"))) == acked_seq and time.monotonic() < deadline:
+                        await asyncio.sleep(0.002)
                     svc.kill(signal.SIGKILL)
                     return await asyncio.gather(*wave1, *wave2, return_exceptions=True)
 
