@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from models.config import EncoderSpec, PALConfig
 from training.data.persona import PersonaParams, build_persona
@@ -13,7 +12,6 @@ from training.data.simulated import SimulatedParams, build_simulated
 from training.embed import CachedEncoder, Embedder, TableEmbedder
 from training.train import TrainConfig
 
-PresetName = Literal["simulated", "persona", "polis", "polis-pairs"]
 PRESETS: tuple[str, ...] = ("simulated", "persona", "polis", "polis-pairs")
 
 
