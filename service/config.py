@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     weights_cache_size: int = Field(
         default=100000, ge=0, description="user weights kept in memory to keep scoring personalized if Redis is down"
     )
+    weights_fallback_ttl_s: float = Field(
+        default=300.0, ge=0, description="while Redis is down, serve cached weights read at most this long ago"
+    )
 
     # --- HTTP
     host: str = "127.0.0.1"

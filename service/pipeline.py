@@ -193,12 +193,27 @@ class Pipeline:
             self._redis_retry_at = time.monotonic() + self.settings.retry_after_s
             return self._cached_weights(users)
         out = {u: f.array for u, f in fits.items()}
-        for u, w in out.items():
-            self._weights.put(u, w)
+        now = time.monotonic()
+        for u in users:
+            if u in out:
+                self._remember(u, out[u], now)
+            else:
+                # Deleted (possibly through another replica): an outage must not bring the user back.
+                self._weights.pop(u)
         return out
 
+    def _remember(self, user: str, weights: np.ndarray, now: float | None = None) -> None:
+        self._weights.put(user, (time.monotonic() if now is None else now, weights))
+
     def _cached_weights(self, users: list[str]) -> dict[str, np.ndarray]:
-        return {u: w for u in users if (w := self._weights.get(u)) is not None}
+        """Weights last read from Redis, if recent enough: bounds how stale a fallback answer can be."""
+        oldest = time.monotonic() - self.settings.weights_fallback_ttl_s
+        out = {}
+        for u in users:
+            entry = self._weights.get(u)
+            if entry is not None and entry[0] >= oldest:
+                out[u] = entry[1]
+        return out
 
     # --- users
 
@@ -224,7 +239,7 @@ class Pipeline:
         if fit is None and n == 0:
             raise UnknownUser(user)
         if fit is not None:
-            self._weights.put(user, fit.array)
+            self._remember(user, fit.array)
         return UserView(user, fit, n)
 
     async def delete_user(self, user: str) -> bool:
@@ -274,7 +289,7 @@ class Pipeline:
                 # Another replica stored a newer fit, or the user was deleted meanwhile.
                 fit = await self.store.get_fit(self.version, user)
             if fit is not None:
-                self._weights.put(user, fit.array)
+                self._remember(user, fit.array)
             return fit
 
     async def _features_for(self, comparisons: list[Comparison]) -> ComparisonFeatures:
