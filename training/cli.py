@@ -35,9 +35,15 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default PAL_PORT)")] = None,
 ) -> None:
     """Serve /score and /users/{id}/adapt over HTTP (no torch needed)."""
+    from models.bundle import BundleError
+    from models.scorer import ProviderError
     from service.server import run_server
 
-    run_server(bundle, host=host, port=port)
+    try:
+        run_server(bundle, host=host, port=port)
+    except (BundleError, ProviderError) as e:  # operator errors: one clear line, no traceback
+        typer.echo(f"serve failed: {e}", err=True)
+        raise typer.Exit(1) from e
 
 
 def _shots(text: str) -> tuple[int, ...]:
