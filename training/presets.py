@@ -29,7 +29,7 @@ def simulated(seed: int = 0, k: int = 3, **params) -> Experiment:
     data = build_simulated(p)
     # PAL-A with a linear f: the generating model is exactly an ideal point in item space.
     pal = PALConfig(form="A", k=k, prompt_dim=1, item_dim=p.dim, latent_dim=p.dim, n_hidden=0)
-    tc = TrainConfig(epochs=100, lr=3e-3, user_lr=0.2, weight_decay=0.0, patience=20, seed=seed)
+    tc = TrainConfig(epochs=200, lr=3e-3, user_lr=0.2, weight_decay=0.0, patience=20, seed=seed)
     return Experiment(data.splits.name, data.splits, TableEmbedder(data.item_vectors, name="simulated-table"), pal, tc)
 
 
