@@ -139,8 +139,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, fp16: bool = False) -
         (work / B.CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
         # Swap in whole: a reader never sees a half-written bundle under `out`.
         if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(previous / "bundle")
+            work.rename(out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            work.rename(out)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

@@ -152,3 +152,15 @@ def test_scorer_imports_no_torch(bundles: dict[str, Path]) -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+def test_export_replaces_an_earlier_bundle(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from models.export import export_bundle
+
+    out = _copy(bundles["A"], tmp_path / "bundle")
+    (out / "stale.txt").write_text("from the earlier export")
+    report = export_bundle(bundles["A"].parent / "checkpoint-A", out)
+    assert report.version == B.read_meta(bundles["A"]).version
+    assert not (out / "stale.txt").exists() and not (out / B.GRAPH_FP32).is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary directories left behind
+    Scorer.load(out, provider="cpu", intra_op_threads=1)
