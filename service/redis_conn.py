@@ -20,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config import Settings
 
@@ -82,10 +83,12 @@ def stop_embedded(server: Any, timeout_s: float = 10.0) -> None:
 
 async def connect(settings: Settings) -> RedisHandle:
     # One quick retry, no backoff: a dead server must cost /score milliseconds, not redis-py's default seconds.
+    # Only on connection errors (e.g. a pooled connection to a restarted server): after a timeout the command may
+    # still run on a stalled server, and a second copy of a MULTI append would store the comparisons twice.
     timeouts = {
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
-        "retry": Retry(NoBackoff(), 1),
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     }
     if settings.redis_url:
         client = aioredis.Redis.from_url(settings.redis_url, **timeouts)
