@@ -53,14 +53,8 @@ class Live:
 
 
 def live_settings(bundle: Path, redis_url: str, **overrides: object) -> Settings:
-    return Settings(
-        bundle_dir=bundle,
-        redis_url=redis_url,
-        provider="cpu",
-        intra_op_threads=1,
-        redis_timeout_s=0.5,
-        **{**LIMITS, **overrides},
-    )
+    base = dict(provider="cpu", intra_op_threads=1, redis_timeout_s=0.5, **LIMITS)
+    return Settings(bundle_dir=bundle, redis_url=redis_url, **{**base, **overrides})
 
 
 @pytest.fixture(scope="session")

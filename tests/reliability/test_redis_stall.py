@@ -1,0 +1,45 @@
+"""A Redis that stalls (slower than PAL_REDIS_TIMEOUT_S, then carries on) must not store an adapt twice.
+
+The append is a non-idempotent MULTI: if the client times out and sends it again, the stalled server runs both
+copies once it resumes. The answer may be 503 (the client could not know), but one request's comparisons are
+stored at most once, and exactly once when the answer was 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+
+from service.store import Comparison
+from tests.reliability.conftest import live_settings
+from tests.reliability.procs import RedisServer
+from tests.service.conftest import running_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_stalled_redis_never_duplicates_an_adapt(bundle: Path, scorer, tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as rs:
+        settings = live_settings(bundle, rs.url, redis_timeout_s=0.5)
+        async with running_app(settings, scorer) as c:
+            warm = {"comparisons": [{"prompt": "warm", "chosen": "a", "rejected": "b"}]}
+            assert (await c.post("/users/dup/adapt", json=warm)).status_code == 200
+            rs.proc.send_signal(signal.SIGSTOP)
+            try:
+                once = {"comparisons": [{"prompt": "once", "chosen": "a", "rejected": "b"}]}
+                task = asyncio.ensure_future(c.post("/users/dup/adapt", json=once))
+                await asyncio.sleep(0.8)  # past one command timeout, before a second one would expire
+            finally:
+                rs.proc.send_signal(signal.SIGCONT)
+            r = await task
+            assert r.status_code in (200, 503), r.text
+            await asyncio.sleep(0.3)  # let a write the server had queued land
+            stored = [Comparison.from_json(x).prompt for x in rs.client().lrange("pal:u:{dup}:c", 0, -1)]
+            assert stored.count("once") == 1 if r.status_code == 200 else stored.count("once") <= 1, stored
+            assert int(rs.client().get("pal:u:{dup}:seq")) == len(stored)
+            # Whatever the answer was, the user is consistent and adapts again once Redis answers.
+            again = await c.post("/users/dup/adapt", json={"comparisons": [{"chosen": "c", "rejected": "d"}]})
+            assert again.status_code == 200 and again.json()["n_fitted"] == len(stored) + 1
