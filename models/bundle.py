@@ -48,6 +48,7 @@ class BundleMeta(BaseModel):
     pal: PALConfig
     encoder: EncoderSpec
     prior_weights: list[float]
+    prior_strength: float | None = Field(default=None, gt=0)
     input_names: list[str] = Field(default_factory=lambda: ["input_ids", "attention_mask"])
     output_names: list[str]
     # Fused-operator counts onnxruntime's transformer optimizer produced (Attention, SkipLayerNormalization, ...).

@@ -44,6 +44,8 @@ class CheckpointMeta(BaseModel):
     pal: PALConfig
     encoder: EncoderSpec
     prior_weights: list[float] = Field(default_factory=list)
+    # Few-shot prior strength selected on seen users' validation pairs; what /adapt uses unless overridden.
+    prior_strength: float | None = Field(default=None, gt=0)
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -129,6 +131,14 @@ def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
     path = Path(directory) / CONFIG_FILE
     meta = CheckpointMeta.model_validate_json(path.read_text())
     meta.metrics.update(metrics)
+    path.write_text(meta.model_dump_json(indent=2))
+
+
+def set_prior_strength(directory: str | Path, value: float) -> None:
+    """Record the validated few-shot prior strength; like metrics, it does not change the model version."""
+    path = Path(directory) / CONFIG_FILE
+    meta = CheckpointMeta.model_validate_json(path.read_text())
+    meta.prior_strength = float(value)
     path.write_text(meta.model_dump_json(indent=2))
 
 

@@ -127,6 +127,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, fp16: bool = False) -
             pal=cfg,
             encoder=spec,
             prior_weights=ckpt.meta.prior_weights,
+            prior_strength=ckpt.meta.prior_strength,
             output_names=output_names,
             fusions=fusions,
             graphs=graphs,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import read_checkpoint, save_checkpoint, update_metrics
+from models.checkpoint import read_checkpoint, save_checkpoint, set_prior_strength, update_metrics
 from training.encoded import EncodedComparisons, encode
 from training.fewshot import SHOTS, fewshot_curve, select_prior_strength, zero_shot_accuracy
 from training.presets import Experiment, with_k
@@ -38,6 +38,14 @@ def train_and_save(
         training={"data": exp.splits.describe(), "config": config_dict(exp.train), **result.describe()},
         metrics={"seen_val_accuracy": result.val_accuracy, "train_seconds": time.perf_counter() - t0},
     )
+    # Chosen on seen users' validation pairs, from the checkpoint as written: the value /adapt will serve with.
+    ckpt = read_checkpoint(ckpt_dir)
+    with limit_threads(1):
+        strength, scores = select_prior_strength(
+            ckpt.head_params, np.asarray(ckpt.meta.prior_weights), encs["seen_train"], encs["seen_val"]
+        )
+    set_prior_strength(ckpt_dir, strength)
+    update_metrics(ckpt_dir, {"prior_strength_val_scores": scores})
     return result, ckpt_dir
 
 
@@ -66,9 +74,10 @@ def _evaluate_checkpoint(
 ) -> dict[str, Any]:
     ckpt = read_checkpoint(ckpt_dir)  # few-shot numbers come from what is on disk, like the service
     head, prior = ckpt.head_params, np.asarray(ckpt.meta.prior_weights)
-    strengths: dict[str, float] = {}
+    # Training selected the strength on validation (and /adapt serves with it); an explicit value overrides it.
+    strengths = ckpt.meta.metrics.get("prior_strength_val_scores", {})
     if prior_strength is None:
-        prior_strength, strengths = select_prior_strength(head, prior, encs["seen_train"], encs["seen_val"])
+        prior_strength = ckpt.meta.prior_strength or 1.0
     metrics = {
         "k": k,
         "checkpoint": str(ckpt_dir),

@@ -13,6 +13,7 @@ from models.checkpoint import read_checkpoint
 from models.config import EncoderSpec
 from training.data.paths import data_dir
 from training.evaluate import run_preset
+from training.fewshot import PRIOR_STRENGTHS
 from training.presets import simulated
 from training.train import TrainConfig
 
@@ -48,6 +49,10 @@ def test_eval_writes_report_plot_and_checkpoints(sim_report: tuple[dict, Path]) 
     assert ckpt.meta.encoder.kind == "table" and ckpt.meta.pal.k == 3 and len(ckpt.user_ids) == 15
     assert ckpt.meta.metrics["seen_test_accuracy"] == report["summary"]["3"]["seen_test_accuracy"]
     assert ckpt.meta.training["data"]["n_seen_users"] == 15
+    # Training itself records the validated few-shot prior strength: the value the service fits users with.
+    assert ckpt.meta.prior_strength in PRIOR_STRENGTHS
+    scores = ckpt.meta.metrics["prior_strength_val_scores"]
+    assert scores[str(ckpt.meta.prior_strength)] == max(scores.values())
     # the population prior is the mean of the seen users' weights
     np.testing.assert_allclose(ckpt.meta.prior_weights, np.mean(list(ckpt.user_weights().values()), 0), atol=1e-5)
 
@@ -91,6 +96,7 @@ def test_small_persona_model_adapts_to_unseen_users(tmp_path: Path) -> None:
             head,
             FeatureTable.build(head, encode(pool[:10], emb, "B")).features(np.arange(10)),
             np.asarray(ckpt.meta.prior_weights),
+            prior_strength=ckpt.meta.prior_strength,
         )
         t = FeatureTable.build(head, encode(test, emb, "B"))
         accs.append(accuracy_of_margins(margins(head, t.features(np.arange(len(test))), fit.weights)))

@@ -37,6 +37,7 @@ def test_bundle_config_reports_fusions_and_version(bundles: dict[str, Path]) -> 
         ckpt = read_checkpoint(path.parent / f"checkpoint-{form}")
         assert meta.version == ckpt.meta.version
         assert meta.prior_weights == ckpt.meta.prior_weights
+        assert meta.prior_strength == ckpt.meta.prior_strength
         # MiniLM has 6 layers: eager export must let onnxruntime fuse every attention block.
         assert meta.fusions.get("Attention") == 6 and meta.fusions.get("SkipLayerNormalization", 0) >= 6
         assert meta.chat_template is None  # MiniLM's tokenizer has none
