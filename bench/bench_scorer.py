@@ -11,7 +11,7 @@ computes the same rewards (checked: max |diff| printed). Methods:
                     only reuse is the in-call dedup of the 8x repeated prompts
     scorer (warm)   the same step again with a warm cache (an RLHF step re-scoring texts it has seen)
     torch naive     per item: tokenize + encode the prompt and the response, one forward pass each (timed on
-                    the first --naive-items items: its rate does not depend on the count)
+                    --naive-items items spread evenly over the workload: its rate does not depend on the count)
     torch batched   torch eager, batches of --torch-batch items in arrival order, padded to the longest row
     torch batched + dedup/sort   the scorer's own batching (dedup, length sort, token budget) in torch:
                     isolates what the ONNX graph itself buys
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--fp16", action="store_true", help="score with the fp16 graph (exported if needed)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, ORT and torch")
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="default: the scorer's for the provider")
     ap.add_argument("--torch-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts")
     ap.add_argument("--naive-items", type=int, default=64, help="items timed in the per-item loop (0: skip)")
@@ -95,6 +95,9 @@ def main() -> None:
     from models.scorer import Scorer
     from tests.scorer.factory import make_random_checkpoint
 
+    if args.bundle is not None and args.checkpoint is None:
+        # The torch baselines need the checkpoint the bundle was exported from, or they score another model.
+        raise SystemExit("--bundle needs --checkpoint (the checkpoint it was exported from)")
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scorer-"))
     checkpoint = args.checkpoint or make_random_checkpoint(tmp / "checkpoint", form="B", max_length=args.max_length)
@@ -120,7 +123,10 @@ def main() -> None:
         f"max_length {spec.max_length}, response tokens p50 {int(np.median(tokens))} max {max(tokens)}, "
         f"{int(scorer.encode(prompts, responses).truncated.sum())} items truncated"
     )
-    print(f"provider {scorer.provider}, {args.threads} threads, fp16={args.fp16}, torch {torch.__version__}")
+    print(
+        f"provider {scorer.provider}, {args.threads} threads, fp16={args.fp16}, "
+        f"batch budget {scorer.max_batch_tokens} tokens, torch {torch.__version__}"
+    )
 
     scorer.warmup()
     batch_latencies: list[float] = []
@@ -178,11 +184,11 @@ def main() -> None:
         return p, x
 
     @torch.inference_mode()
-    def torch_naive(count: int) -> np.ndarray:
-        out = np.empty(count)
-        for i in range(count):
+    def torch_naive(idx: np.ndarray) -> np.ndarray:
+        out = np.empty(len(idx))
+        for j, i in enumerate(idx):
             p, x = items([prompts[i]], [responses[i]])
-            out[i] = reward(embed(p), embed(x), weights[i : i + 1])[0]
+            out[j] = reward(embed(p), embed(x), weights[i : i + 1])[0]
         return out
 
     @torch.inference_mode()
@@ -202,7 +208,7 @@ def main() -> None:
         lengths = np.array([len(ids) for ids in tok(uniq, truncation=True, max_length=spec.max_length)["input_ids"]])
         order = np.argsort(-lengths, kind="stable")
         emb: dict[str, torch.Tensor] = {}
-        for batch in _token_budget_batches(lengths[order], args.max_batch_tokens):
+        for batch in _token_budget_batches(lengths[order], scorer.max_batch_tokens):
             texts = [uniq[j] for j in order[batch]]
             emb.update(zip(texts, embed(texts), strict=True))
         return reward(torch.stack([emb[t] for t in p_all]), torch.stack([emb[t] for t in x_all]), weights)
@@ -216,20 +222,22 @@ def main() -> None:
             secs, outputs[name] = timed(fn)
             best[name] = min(best[name], secs)
         print(f"round {r + 1}: " + ", ".join(f"{k} {n / v:.1f} items/s" for k, v in best.items()), flush=True)
-    rows = [(name, n, best[name], outputs[name]) for name in methods]
+    everything = np.arange(n)
+    rows = [(name, n, best[name], outputs[name], everything) for name in methods]
     secs, out = timed(score_warm)
-    rows.insert(1, ("scorer (warm cache)", n, secs, out))
+    rows.insert(1, ("scorer (warm cache)", n, secs, out, everything))
     ref = outputs["torch batched eager"]
     if args.naive_items:
-        m = min(n, args.naive_items)
-        secs, out = timed(lambda: torch_naive(m))
-        rows.append(("torch naive per-item", m, secs, out))
+        # Evenly spread over the workload, so every prompt length is represented (not just the first groups).
+        idx = np.linspace(0, n - 1, min(n, args.naive_items)).round().astype(int)
+        secs, out = timed(lambda: torch_naive(idx))
+        rows.append(("torch naive per-item", len(idx), secs, out, idx))
     header = ("method", "items", "seconds", "items/s", "scorer speed-up", "max|r - torch|")
     print("\n{:30s} {:>6s} {:>9s} {:>9s} {:>16s} {:>15s}".format(*header))
     scorer_rate = n / best["scorer"]
-    for name, count, secs, r in rows:
+    for name, count, secs, r, idx in rows:
         rate = count / secs
-        diff = np.abs(r - ref[:count]).max()
+        diff = np.abs(r - ref[idx]).max()
         print(f"{name:30s} {count:6d} {secs:9.3f} {rate:9.1f} {scorer_rate / rate:15.2f}x {diff:15.2e}")
     gl = np.array(group_lat) * 1e3
     bl = np.array(batch_latencies) * 1e3
@@ -238,7 +246,7 @@ def main() -> None:
         f"p99 {np.percentile(gl, 99):.1f} ms"
     )
     print(
-        f"latency per encoder batch (<= {args.max_batch_tokens} padded tokens, {len(bl)} batches): "
+        f"latency per encoder batch (<= {scorer.max_batch_tokens} padded tokens, {len(bl)} batches): "
         f"p50 {np.percentile(bl, 50):.1f} ms, p99 {np.percentile(bl, 99):.1f} ms"
     )
 

@@ -33,6 +33,11 @@ CPU = "CPUExecutionProvider"
 PROVIDERS = ("auto", "cuda", "cpu")
 
 
+# Padded tokens per encoder batch when the caller sets none. On CPU, batches that keep the activations in cache
+# win (bench: 1024 tokens ran 1.4x faster than 16384 on 2 cores); a GPU wants big batches to fill its SMs.
+DEFAULT_BATCH_TOKENS: dict[str, int] = {CUDA: 16384, CPU: 1024}
+
+
 class ProviderError(RuntimeError):
     """The requested execution provider is not active: raised at load, never a silent fallback."""
 
@@ -64,13 +69,13 @@ class Scorer:
         session: ort.InferenceSession,
         tokenizer: Tokenizer,
         pad_id: int,
-        max_batch_tokens: int,
+        max_batch_tokens: int | None,
         cache_size: int,
     ) -> None:
         self.meta = meta
         self.head = head
         self.provider: str = session.get_providers()[0]
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.provider, DEFAULT_BATCH_TOKENS[CPU])
         self._users = users
         self._session = session
         self._inputs = [i.name for i in session.get_inputs()]
@@ -89,14 +94,14 @@ class Scorer:
         provider: str = "auto",
         fp16: bool = False,
         intra_op_threads: int = 0,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int | None = None,
         cache_size: int = 65536,
     ) -> Scorer:
         """Load and validate a bundle; BundleError says what is wrong with it, ProviderError about the device."""
         directory = Path(bundle_dir)
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-        if max_batch_tokens < 1 or cache_size < 0:
+        if (max_batch_tokens is not None and max_batch_tokens < 1) or cache_size < 0:
             raise ValueError("need max_batch_tokens >= 1 and cache_size >= 0")
         meta = B.read_meta(directory)
         head = B.read_head(directory, meta)
