@@ -1,12 +1,14 @@
 """Python client for a pal-rm server: sync (`PalClient`) and async (`AsyncPalClient`), needing only httpx.
 
 - batching: many items are sent as requests of at most `batch_size` items (async: several in flight);
-- retries with exponential backoff and jitter on connection errors, 429 and 503 (honouring Retry-After);
-  read timeouts and dropped connections are retried too, but only for idempotent calls (scoring), never for
-  `adapt`, which stores comparisons;
+- retries with exponential backoff and jitter on connection errors, read timeouts, dropped connections, 429 and
+  503 (honouring Retry-After), for scoring and for `adapt` alike;
 - timeouts on every request, typed results, `PalError` with the server's message on 4xx.
 
-Scoring never changes server state, so a retried scoring call is always safe.
+Scoring never changes server state, so a retried scoring call is always safe. `adapt` stores comparisons, and
+its answer can be lost after they were stored (a 503 when Redis fails during the refit, a timeout, a dropped
+connection): every attempt of one call carries the same `Idempotency-Key`, so the server stores them once and
+answers a repeat with the current state (`replayed: true`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -97,7 +100,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
-_ALWAYS_RETRY_STATUS = frozenset({429, 503})  # the server did not process the request
+# The server did not process the request (or, for adapt, may have stored it: its Idempotency-Key makes a retry safe).
+_ALWAYS_RETRY_STATUS = frozenset({429, 503})
 _IDEMPOTENT_RETRY_STATUS = frozenset({502, 504})  # a proxy gave up; the request may have run
 _NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -222,6 +226,15 @@ class _Config:
         }
 
 
+def _adapt_call(
+    user_id: str, comparisons: Sequence[Mapping[str, str]], idempotency_key: str | None
+) -> tuple[str, Json, dict[str, str]]:
+    """Path, body and headers of one logical adapt; the key is chosen once here and reused by every attempt."""
+    body = {"comparisons": [dict(c) for c in comparisons]}
+    headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+    return f"/users/{quote(user_id, safe='')}/adapt", body, headers
+
+
 def _score_path(chat: bool) -> str:
     return "/score/chat" if chat else "/score"
 
@@ -258,12 +271,20 @@ class PalClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, body: Json | None = None, idempotent: bool = True) -> Json:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Json | None = None,
+        idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> Json:
+        """One call with retries; `idempotent=False` retries only what surely did not reach the server."""
         attempt = 0
         while True:
             response, exc = None, None
             try:
-                response = self._http.request(method, path, json=body)
+                response = self._http.request(method, path, json=body, headers=headers)
             except httpx.HTTPError as e:
                 exc = e
             outcome = _judge(response, exc, attempt, idempotent, self.config.retry, self._rng)
@@ -328,10 +349,17 @@ class PalClient:
 
     # --- users -----------------------------------------------------------------------------------------------
 
-    def adapt(self, user_id: str, comparisons: Sequence[Mapping[str, str]]) -> Json:
-        """Store comparisons {prompt, chosen, rejected} for a user and refit; not retried once sent."""
-        body = {"comparisons": [dict(c) for c in comparisons]}
-        return self.request("POST", f"/users/{quote(user_id, safe='')}/adapt", body, idempotent=False)
+    def adapt(
+        self, user_id: str, comparisons: Sequence[Mapping[str, str]], idempotency_key: str | None = None
+    ) -> Json:
+        """Store comparisons {prompt, chosen, rejected} for a user and refit.
+
+        Retried like scoring: every attempt sends the same Idempotency-Key (`idempotency_key`, or a new uuid4 per
+        call), so the comparisons are stored once however many attempts reach the server. Pass your own key to
+        make a call that is repeated after a crash of the caller idempotent too.
+        """
+        path, body, headers = _adapt_call(user_id, comparisons, idempotency_key)
+        return self.request("POST", path, body, headers=headers)
 
     def user(self, user_id: str) -> Json:
         return self.request("GET", f"/users/{quote(user_id, safe='')}")
@@ -367,11 +395,13 @@ class AsyncPalClient:
         max_concurrency: int = 4,
         retry: RetryPolicy | None = None,
         seed: int | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = _Config(url, api_key, timeout_s, connect_timeout_s, batch_size, retry or RetryPolicy(), seed)
         self._http = httpx.AsyncClient(**self.config.client_kwargs())
         self._rng = random.Random(seed)
         self._max_concurrency = max(1, max_concurrency)
+        self._sleep = sleep
 
     async def __aenter__(self) -> AsyncPalClient:
         return self
@@ -382,12 +412,19 @@ class AsyncPalClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def request(self, method: str, path: str, body: Json | None = None, idempotent: bool = True) -> Json:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Json | None = None,
+        idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> Json:
         attempt = 0
         while True:
             response, exc = None, None
             try:
-                response = await self._http.request(method, path, json=body)
+                response = await self._http.request(method, path, json=body, headers=headers)
             except httpx.HTTPError as e:
                 exc = e
             outcome = _judge(response, exc, attempt, idempotent, self.config.retry, self._rng)
@@ -396,7 +433,7 @@ class AsyncPalClient:
             if outcome.result is not None:
                 return outcome.result
             assert outcome.delay is not None
-            await asyncio.sleep(outcome.delay)
+            await self._sleep(outcome.delay)
             attempt += 1
 
     async def _gather(self, path: str, bodies: list[Json]) -> list[Json]:
@@ -427,9 +464,12 @@ class AsyncPalClient:
         bodies = [{"input": list(chunk)} | extra for chunk in _chunks(texts, self.config.batch_size)]
         return [float(d["probs"][0]) for part in await self._gather("/classify", bodies) for d in part["data"]]
 
-    async def adapt(self, user_id: str, comparisons: Sequence[Mapping[str, str]]) -> Json:
-        body = {"comparisons": [dict(c) for c in comparisons]}
-        return await self.request("POST", f"/users/{quote(user_id, safe='')}/adapt", body, idempotent=False)
+    async def adapt(
+        self, user_id: str, comparisons: Sequence[Mapping[str, str]], idempotency_key: str | None = None
+    ) -> Json:
+        """As PalClient.adapt: retried, one Idempotency-Key for all attempts of the call."""
+        path, body, headers = _adapt_call(user_id, comparisons, idempotency_key)
+        return await self.request("POST", path, body, headers=headers)
 
     async def info(self) -> Json:
         return await self.request("GET", "/info")

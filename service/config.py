@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     weights_fallback_ttl_s: float = Field(
         default=300.0, ge=0, description="while Redis is down, serve cached weights read at most this long ago"
     )
+    idempotency_ttl_s: int = Field(
+        default=86400,
+        ge=1,
+        description="seconds an adapt's Idempotency-Key is remembered; a retry after that stores again",
+    )
 
     # --- HTTP
     host: str = "127.0.0.1"

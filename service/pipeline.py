@@ -59,6 +59,12 @@ class ScoreResult:
 
 
 @dataclass(frozen=True)
+class Adapted:
+    fit: StoredFit | None  # None: the user was deleted while adapting
+    replayed: bool  # the request's Idempotency-Key was already applied; nothing was stored this time
+
+
+@dataclass(frozen=True)
 class UserView:
     user_id: str
     fit: StoredFit | None
@@ -217,11 +223,17 @@ class Pipeline:
 
     # --- users
 
-    async def adapt(self, user: str, comparisons: list[Comparison]) -> StoredFit:
-        """Store the comparisons, refit from all the user's stored comparisons, write and return the fit."""
+    async def adapt(self, user: str, comparisons: list[Comparison], idempotency_key: str | None = None) -> Adapted:
+        """Store the comparisons, refit from all the user's stored comparisons, write and return the fit.
+
+        A request whose idempotency key was already applied stores nothing and returns the fit covering the first
+        request's append (refitting if that one failed before writing its fit). Raises IdempotencyKeyReused.
+        """
         try:
-            seq = await self.store.append_comparisons(user, comparisons)
-            return await self._refit(user, min_seq=seq)
+            appended = await self.store.append_comparisons(
+                user, comparisons, idempotency_key, self.settings.idempotency_ttl_s
+            )
+            return Adapted(await self._refit(user, min_seq=appended.seq), appended.replayed)
         except RedisError as e:
             self._redis_error("adapt", e)
             raise StoreUnavailable(str(e)) from e

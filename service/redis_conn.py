@@ -84,7 +84,7 @@ def stop_embedded(server: Any, timeout_s: float = 10.0) -> None:
 async def connect(settings: Settings) -> RedisHandle:
     # One quick retry, no backoff: a dead server must cost /score milliseconds, not redis-py's default seconds.
     # Only on connection errors (e.g. a pooled connection to a restarted server): after a timeout the command may
-    # still run on a stalled server, and a second copy of a MULTI append would store the comparisons twice.
+    # still run on a stalled server, and a second copy of an append would store the comparisons twice.
     timeouts = {
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,

@@ -6,13 +6,14 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
 
 from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_pipeline, get_settings
 from service.pipeline import Pipeline, ScoreItem, UserView
 from service.schemas import (
+    IDEMPOTENCY_KEY_PATTERN,
     USER_ID_PATTERN,
     AdaptRequest,
     AdaptResponse,
@@ -24,12 +25,21 @@ from service.schemas import (
     check_adapt,
     check_score,
 )
-from service.store import Comparison, StoredFit
+from service.store import Comparison, IdempotencyKeyReused, StoredFit
 
 T = TypeVar("T")
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 UserIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=USER_ID_PATTERN)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="a client-chosen id of this logical request (e.g. a uuid4), sent again on every retry: the "
+        "comparisons are stored once per key and user; a repeat answers the current state with `replayed: true`",
+    ),
+]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -91,15 +101,27 @@ async def score(body: ScoreRequest, request: Request, pipeline: PipelineDep, set
 
 @router.post("/users/{user_id}/adapt", response_model=AdaptResponse, summary="Add comparisons and refit the user")
 async def adapt(
-    user_id: UserIdPath, body: AdaptRequest, request: Request, pipeline: PipelineDep, settings: SettingsDep
+    user_id: UserIdPath,
+    body: AdaptRequest,
+    request: Request,
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> AdaptResponse:
     check_adapt(body, settings)
     comparisons = [Comparison(c.prompt, c.chosen, c.rejected) for c in body.comparisons]
-    fit = await until_disconnect(request, pipeline.adapt(user_id, comparisons))
-    if fit is None:
+    try:
+        adapted = await until_disconnect(request, pipeline.adapt(user_id, comparisons, idempotency_key))
+    except IdempotencyKeyReused:
+        raise HTTPException(
+            status_code=422,
+            detail=f"Idempotency-Key {idempotency_key!r} reused with a different body: it was already applied to "
+            f"user {user_id!r} with other comparisons",
+        ) from None
+    if adapted.fit is None:
         raise HTTPException(status_code=409, detail=f"user {user_id!r} was deleted while adapting")
-    view = UserView(user_id, fit, fit.n_fitted)
-    return AdaptResponse(**_state(view, pipeline.version), added=len(comparisons))
+    view = UserView(user_id, adapted.fit, adapted.fit.n_fitted)
+    return AdaptResponse(**_state(view, pipeline.version), added=len(comparisons), replayed=adapted.replayed)
 
 
 @router.get("/users/{user_id}", response_model=UserState, summary="A user's weights and comparison count")

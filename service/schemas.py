@@ -18,6 +18,8 @@ USER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 UserId = Annotated[
     str, Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN, description="[A-Za-z0-9._:@-]{1,128}")
 ]
+# Part of a Redis key name too, so the same kind of charset (no braces, globs, spaces or control characters).
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
 class LimitError(ValueError):
@@ -80,7 +82,11 @@ class UserState(BaseModel):
 
 
 class AdaptResponse(UserState):
-    added: int = Field(description="comparisons added by this request")
+    added: int = Field(description="comparisons in this request (stored once per Idempotency-Key)")
+    replayed: bool = Field(
+        description="true when the Idempotency-Key was already applied: nothing was stored again, the current "
+        "state is returned"
+    )
 
 
 class DeleteResponse(BaseModel):

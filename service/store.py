@@ -4,15 +4,19 @@ Keys, all of one user in one cluster hash slot thanks to the {braces}:
     {prefix}:u:{<user>}:c    list of JSON comparisons, oldest first, capped (oldest dropped)
     {prefix}:u:{<user>}:seq  how many comparisons were ever appended (monotonic; survives the cap)
     {prefix}:u:{<user>}:w    hash model_version -> JSON StoredFit
+    {prefix}:u:{<user>}:idem:<key>  an applied Idempotency-Key: "<body hash>:<seq after its append>", with a TTL
+    {prefix}:u:{<user>}:idem         sorted set of the user's idempotency key names, scored by expiry
     {prefix}:seeded          set of model versions whose checkpoint users were written once
 
-Appends are MULTI transactions (RPUSH + LTRIM + INCRBY), so concurrent adapts lose nothing. A fit records the
-`seq` it was computed from and is written by a Lua script only if it is newer than the stored one and the user
-still exists, so a slow refit can neither overwrite a fresher one nor resurrect a deleted user.
+An append is one Lua script (RPUSH + LTRIM + INCRBY, and with an idempotency key: check it, then record it), so
+concurrent adapts lose nothing and a key is applied at most once however many requests carry it. A fit records
+the `seq` it was computed from and is written by a Lua script only if it is newer than the stored one and the
+user still exists, so a slow refit can neither overwrite a fresher one nor resurrect a deleted user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -31,6 +35,56 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
+
+
+# KEYS: comparisons, seq[, idempotency key, the user's index of idempotency keys]
+# ARGV: cap, body hash, ttl seconds, now (unix seconds), comparison JSON...
+# Returns {1, seq} when appended, {0, seq of the first append} when the key was already applied with this body,
+# {-1, 0} when it was applied with another body. unpack() is chunked: Lua's stack holds ~8000 values.
+_APPEND = """
+local keyed = #KEYS > 2
+if keyed then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local sep = string.find(prev, ':', 1, true)
+    if string.sub(prev, 1, sep - 1) ~= ARGV[2] then return {-1, 0} end
+    return {0, tonumber(string.sub(prev, sep + 1))}
+  end
+end
+for i = 5, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+local seq = redis.call('INCRBY', KEYS[2], #ARGV - 4)
+if keyed then
+  local ttl, now = tonumber(ARGV[3]), tonumber(ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[2] .. ':' .. seq, 'EX', ttl)
+  redis.call('ZADD', KEYS[4], now + ttl, KEYS[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
+return {1, seq}
+"""
+
+# KEYS: comparisons, seq, weights, the user's index of idempotency keys. The indexed keys are not in KEYS (they are
+# only known here) but share the user's {hash tag}, so this also runs on Redis Cluster.
+_DELETE_USER = """
+local idem = redis.call('ZRANGE', KEYS[4], 0, -1)
+for i = 1, #idem, 1000 do
+  redis.call('DEL', unpack(idem, i, math.min(i + 999, #idem)))
+end
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+"""
+
+
+class IdempotencyKeyReused(Exception):
+    """The Idempotency-Key was already applied to this user with other comparisons."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    seq: int  # the user's append counter right after this request's comparisons (the first request's, on a replay)
+    replayed: bool  # the idempotency key was already applied: nothing was appended
 
 
 @dataclass(frozen=True)
@@ -78,6 +132,8 @@ class UserStore:
         self.prefix = prefix
         self.max_comparisons = max_comparisons
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._append = client.register_script(_APPEND)
+        self._delete_user = client.register_script(_DELETE_USER)
 
     def _key(self, user: str, kind: str) -> str:
         return f"{self.prefix}:u:{{{user}}}:{kind}"
@@ -85,15 +141,31 @@ class UserStore:
     async def ping(self) -> bool:
         return bool(await self.r.ping())
 
-    async def append_comparisons(self, user: str, comparisons: Iterable[Comparison]) -> int:
-        """Append atomically, drop the oldest past the cap; returns the user's append counter after it."""
+    async def append_comparisons(
+        self,
+        user: str,
+        comparisons: Iterable[Comparison],
+        idempotency_key: str | None = None,
+        key_ttl_s: int = 86400,
+    ) -> Appended:
+        """Append atomically, drop the oldest past the cap.
+
+        With an idempotency key, checking and recording the key is part of the same atomic step: a key already
+        applied to this user appends nothing (`replayed`), so retries and concurrent copies of one request store
+        its comparisons once. Raises IdempotencyKeyReused if the key was applied with other comparisons.
+        """
         values = [c.to_json() for c in comparisons]
-        async with self.r.pipeline(transaction=True) as p:
-            p.rpush(self._key(user, "c"), *values)
-            p.ltrim(self._key(user, "c"), -self.max_comparisons, -1)
-            p.incrby(self._key(user, "seq"), len(values))
-            _, _, seq = await p.execute()
-        return int(seq)
+        keys = [self._key(user, "c"), self._key(user, "seq")]
+        body_hash = ""
+        if idempotency_key is not None:
+            keys += [self._key(user, f"idem:{idempotency_key}"), self._key(user, "idem")]
+            # The JSON values hold no raw newline, so joining them is unambiguous.
+            body_hash = hashlib.blake2b("\n".join(values).encode(), digest_size=16).hexdigest()
+        args = [self.max_comparisons, body_hash, key_ttl_s, f"{time.time():.3f}", *values]
+        status, seq = await self._append(keys=keys, args=args)
+        if int(status) < 0:
+            raise IdempotencyKeyReused(idempotency_key)
+        return Appended(seq=int(seq), replayed=int(status) == 0)
 
     async def read_comparisons(self, user: str) -> tuple[list[Comparison], int]:
         """All stored comparisons and the append counter they correspond to, read in one transaction."""
@@ -148,9 +220,12 @@ class UserStore:
         return written
 
     async def delete_user(self, user: str) -> bool:
-        """Forget comparisons and weights of every model version; True if anything existed."""
-        n = await self.r.delete(self._key(user, "c"), self._key(user, "seq"), self._key(user, "w"))
-        return n > 0
+        """Forget comparisons, weights of every model version and idempotency keys; True if anything existed.
+
+        One script, so an adapt cannot record a key between the reading of the key index and the deletion.
+        """
+        keys = [self._key(user, kind) for kind in ("c", "seq", "w", "idem")]
+        return int(await self._delete_user(keys=keys, args=[])) > 0
 
     async def users_with_comparisons(self) -> AsyncIterator[str]:
         head, tail = f"{self.prefix}:u:{{", "}:c"
