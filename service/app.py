@@ -233,7 +233,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
                 "max_comparisons_per_request": s.max_comparisons_per_request,
                 "max_comparisons_per_user": s.max_comparisons_per_user,
                 "max_queue": s.max_queue,
-                "max_batch_tokens": s.max_batch_tokens,
+                "max_batch_tokens": pipeline.batcher.max_batch_tokens,
                 "max_wait_ms": s.max_wait_ms,
                 "max_body_bytes": s.max_body_bytes,
             },

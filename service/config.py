@@ -23,16 +23,20 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime threads; 0 = library default")
 
     # --- batching
-    max_batch_tokens: int = Field(default=16384, ge=64, description="token budget of one encoder batch")
+    max_batch_tokens: int | None = Field(
+        default=None,
+        ge=64,
+        description="token budget of one encoder batch; unset: 16384 on CUDA, 1024 on CPU (measured in bench/)",
+    )
     max_wait_ms: float = Field(default=2.0, ge=0, description="how long the batcher waits to fill a batch")
     max_queue: int = Field(default=4096, ge=1, description="queued texts beyond which requests get 429")
     embedding_cache_size: int = Field(default=65536, ge=0, description="LRU entries of encoded texts")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with 429 and 503")
 
     # --- request limits
-    max_items_per_request: int = Field(default=1024, ge=1)
-    max_text_chars: int = Field(default=20000, ge=1)
-    max_comparisons_per_request: int = Field(default=512, ge=1)
+    max_items_per_request: int = Field(default=1024, ge=1, description="items (or OpenRLHF queries) per request; 413")
+    max_text_chars: int = Field(default=20000, ge=1, description="characters per prompt or response; 422 past it")
+    max_comparisons_per_request: int = Field(default=512, ge=1, description="comparisons per adapt request; 413")
     max_comparisons_per_user: int = Field(default=2000, ge=1, description="stored per user; oldest dropped")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="request bodies above this get 413")
 
@@ -46,7 +50,12 @@ class Settings(BaseSettings):
     )
 
     # --- user fitting
-    prior_strength: float = Field(default=1.0, gt=0, description="Gaussian prior on logits around the population")
+    prior_strength: float | None = Field(
+        default=None,
+        gt=0,
+        description="strength of the Gaussian prior on a user's logits (around the population, or the checkpoint's "
+        "weights for a seen user); unset: the value selected on validation users at training time, else 1.0",
+    )
     feature_cache_size: int = Field(
         default=20000, ge=0, description="encoded comparisons kept in memory so a refit does not re-encode them"
     )
@@ -73,7 +82,7 @@ class Settings(BaseSettings):
     )
 
     # --- HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="bind address of `pal serve` (0.0.0.0 in the images)")
+    port: int = Field(default=8000, ge=1, le=65535, description="port of `pal serve`")
     api_key: str | None = Field(default=None, description="bearer token required on scoring and mutating routes")
-    log_level: str = "info"
+    log_level: str = Field(default="info", description="uvicorn and service log level")

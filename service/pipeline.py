@@ -119,6 +119,8 @@ class Pipeline:
         self.version: str = scorer.meta.version
         self.k: int = scorer.meta.pal.k
         self.prior = np.asarray(scorer.meta.prior_weights, dtype=np.float64)
+        # A deployment can override the strength chosen on validation users at training time.
+        self.prior_strength: float = settings.prior_strength or scorer.meta.prior_strength or 1.0
         self.seen = scorer.seen_users()
         # The chat template comes from the bundle, so the renderer lives and dies with the loaded model.
         self.chat = ChatRenderer(
@@ -128,7 +130,7 @@ class Pipeline:
         )
         self.batcher = Batcher(
             scorer.encode,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=scorer.max_batch_tokens,  # the setting, or the provider's default
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
             max_length=scorer.meta.encoder.max_length,
@@ -284,7 +286,7 @@ class Pipeline:
             prior = self.seen.get(user, self.prior)
             t0 = time.perf_counter()
             result = await asyncio.to_thread(
-                fit_user, self.scorer.head, feats, prior, self.settings.prior_strength
+                fit_user, self.scorer.head, feats, prior, self.prior_strength
             )
             if self.metrics is not None:
                 self.metrics.fit_seconds.observe(time.perf_counter() - t0)
