@@ -1,8 +1,8 @@
 """A Redis that stalls (slower than PAL_REDIS_TIMEOUT_S, then carries on) must not store an adapt twice.
 
-The append (one Lua script) is not idempotent without a key: if the client times out and sends it again, the stalled server runs both
-copies once it resumes. The answer may be 503 (the client could not know), but one request's comparisons are
-stored at most once, and exactly once when the answer was 200.
+The append (one Lua script) is not idempotent without a key: if the client times out and sends it again, the
+stalled server runs both copies once it resumes. The answer may be 503 (the client could not know), but one
+request's comparisons are stored at most once, and exactly once when the answer was 200.
 """
 
 from __future__ import annotations
