@@ -125,7 +125,8 @@ def main() -> None:
     )
     print(
         f"provider {scorer.provider}, {args.threads} threads, fp16={args.fp16}, "
-        f"batch budget {scorer.max_batch_tokens} tokens, torch {torch.__version__}"
+        f"batch budget {scorer.max_batch_tokens} tokens, pad tolerance {scorer.pad_tolerance}, "
+        f"torch {torch.__version__}"
     )
 
     scorer.warmup()
@@ -208,7 +209,7 @@ def main() -> None:
         lengths = np.array([len(ids) for ids in tok(uniq, truncation=True, max_length=spec.max_length)["input_ids"]])
         order = np.argsort(-lengths, kind="stable")
         emb: dict[str, torch.Tensor] = {}
-        for batch in _token_budget_batches(lengths[order], scorer.max_batch_tokens):
+        for batch in _token_budget_batches(lengths[order], scorer.max_batch_tokens, scorer.pad_tolerance):
             texts = [uniq[j] for j in order[batch]]
             emb.update(zip(texts, embed(texts), strict=True))
         return reward(torch.stack([emb[t] for t in p_all]), torch.stack([emb[t] for t in x_all]), weights)

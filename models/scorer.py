@@ -37,6 +37,11 @@ PROVIDERS = ("auto", "cuda", "cpu")
 # win (bench: 1024 tokens ran 1.4x faster than 16384 on 2 cores); a GPU wants big batches to fill its SMs.
 DEFAULT_BATCH_TOKENS: dict[str, int] = {CUDA: 16384, CPU: 1024}
 
+# A batch's rows are padded to its longest; a row that would get more padding than this starts a new batch. On CPU
+# a run costs a fixed ~1.5 ms (about 8 tokens' worth, 1 thread) and every padded token costs as much as a real one,
+# so mixing lengths loses. On a GPU padding is nearly free next to a kernel launch: no limit.
+DEFAULT_PAD_TOLERANCE: dict[str, int | None] = {CUDA: None, CPU: 8}
+
 
 class ProviderError(RuntimeError):
     """The requested execution provider is not active: raised at load, never a silent fallback."""
@@ -71,11 +76,15 @@ class Scorer:
         pad_id: int,
         max_batch_tokens: int | None,
         cache_size: int,
+        pad_tolerance: int | None = -1,
     ) -> None:
         self.meta = meta
         self.head = head
         self.provider: str = session.get_providers()[0]
         self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.provider, DEFAULT_BATCH_TOKENS[CPU])
+        # -1: the provider's default; None: rows of any length share a batch (budget only).
+        default_tolerance = DEFAULT_PAD_TOLERANCE.get(self.provider, DEFAULT_PAD_TOLERANCE[CPU])
+        self.pad_tolerance = default_tolerance if pad_tolerance == -1 else pad_tolerance
         self._users = users
         self._session = session
         self._inputs = [i.name for i in session.get_inputs()]
@@ -96,6 +105,7 @@ class Scorer:
         intra_op_threads: int = 0,
         max_batch_tokens: int | None = None,
         cache_size: int = 65536,
+        pad_tolerance: int | None = -1,
     ) -> Scorer:
         """Load and validate a bundle; BundleError says what is wrong with it, ProviderError about the device."""
         directory = Path(bundle_dir)
@@ -103,6 +113,8 @@ class Scorer:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         if (max_batch_tokens is not None and max_batch_tokens < 1) or cache_size < 0:
             raise ValueError("need max_batch_tokens >= 1 and cache_size >= 0")
+        if pad_tolerance is not None and pad_tolerance < -1:
+            raise ValueError("pad_tolerance must be >= 0, None (no limit) or -1 (the provider's default)")
         meta = B.read_meta(directory)
         head = B.read_head(directory, meta)
         users = B.read_users(directory, meta)
@@ -111,7 +123,7 @@ class Scorer:
         if graph is None:
             raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
         session = _session(directory / graph, provider, intra_op_threads)
-        scorer = cls(meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size)
+        scorer = cls(meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size, pad_tolerance)
         scorer._probe()
         return scorer
 
@@ -234,7 +246,7 @@ class Scorer:
         order = np.argsort(-lengths, kind="stable")
         results: list[list[np.ndarray]] = []
         positions: list[np.ndarray] = []
-        for batch in _token_budget_batches(lengths[order], self.max_batch_tokens):
+        for batch in _token_budget_batches(lengths[order], self.max_batch_tokens, self.pad_tolerance):
             idx = order[batch]
             width = int(lengths[idx].max())
             ids = np.full((len(idx), width), self._pad_id, dtype=np.int64)
@@ -273,16 +285,22 @@ class Scorer:
             raise BundleError("bundle graph produced NaN or inf on a probe batch")
 
 
-def _token_budget_batches(sorted_lengths: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Cut length-sorted (descending) rows into batches with rows x longest row <= budget (>= 1 row each)."""
+def _token_budget_batches(
+    sorted_lengths: np.ndarray, budget: int, pad_tolerance: int | None = None
+) -> list[np.ndarray]:
+    """Cut length-sorted (descending) rows into batches with rows x longest row <= budget (>= 1 row each), and,
+    with a pad tolerance, no row shorter than the batch's longest by more than it."""
     batches: list[np.ndarray] = []
     start = 0
     n = len(sorted_lengths)
     while start < n:
         width = int(sorted_lengths[start])
-        rows = max(1, budget // max(width, 1))
-        batches.append(np.arange(start, min(n, start + rows)))
-        start += rows
+        stop = min(n, start + max(1, budget // max(width, 1)))
+        if pad_tolerance is not None:
+            # Lengths descend, so the rows within tolerance of the first are a prefix.
+            stop = start + int(np.searchsorted(-sorted_lengths[start:stop], pad_tolerance - width, side="right"))
+        batches.append(np.arange(start, stop))
+        start = stop
     return batches
 
 

@@ -1,7 +1,9 @@
-"""Merges concurrent requests' texts into encoder batches (token budget, short max wait).
+"""Merges concurrent requests' texts into encoder calls (token budget, optional short wait).
 
-One worker task owns the encoder: while it runs a batch in a worker thread (so the event loop never blocks on
-inference), new requests queue up and the next batch takes as many as fit in the token budget. A request that is
+One worker task owns the encoder: while it runs a call in a worker thread (so the event loop never blocks on
+inference), new requests queue up and the next call takes as many as fit in `max_gather_tokens`. The encoder
+then deduplicates them, sorts them by length and cuts them into its own batches, so gathering widely costs no
+padding: it gives the sort more to work with. A request that is
 cancelled (client gone) before its batch starts is dropped from the queue. Past `max_queue` queued items new
 requests are refused with QueueFull, which the app turns into 429 + Retry-After.
 """
@@ -59,14 +61,14 @@ class Batcher:
     def __init__(
         self,
         encode: EncodeFn,
-        max_batch_tokens: int,
+        max_gather_tokens: int,
         max_wait_ms: float,
         max_queue: int,
         max_length: int = 256,
         observe_batch: BatchObserver | None = None,
     ) -> None:
         self._encode = encode
-        self.max_batch_tokens = max_batch_tokens
+        self.max_gather_tokens = max_gather_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_length = max_length
@@ -126,7 +128,7 @@ class Batcher:
                 self._jobs.popleft()
                 self._queued_items -= len(job.responses)
                 continue
-            if batch and tokens + job.tokens > self.max_batch_tokens:
+            if batch and tokens + job.tokens > self.max_gather_tokens:
                 break
             self._jobs.popleft()
             self._queued_items -= len(job.responses)
@@ -145,7 +147,7 @@ class Batcher:
                 await self._wake.wait()
             # Give concurrent requests a short moment to join, unless the budget is already full.
             deadline = self._jobs[0].enqueued + self.max_wait_s
-            while self._queued_tokens() < self.max_batch_tokens and (left := deadline - time.perf_counter()) > 0:
+            while self._queued_tokens() < self.max_gather_tokens and (left := deadline - time.perf_counter()) > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), left)

@@ -26,9 +26,20 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(
         default=None,
         ge=64,
-        description="token budget of one encoder batch; unset: 16384 on CUDA, 1024 on CPU (measured in bench/)",
+        description="padded tokens of one onnxruntime batch; unset: 16384 on CUDA, 1024 on CPU (measured in bench/)",
     )
-    max_wait_ms: float = Field(default=2.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_gather_tokens: int = Field(
+        default=16384,
+        ge=64,
+        description="estimated tokens of queued requests handed to the encoder at once; it sorts them by length and "
+        "cuts them into batches of PAL_MAX_BATCH_TOKENS",
+    )
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long the batcher waits for more requests before starting an idle encoder (requests that "
+        "arrive while it runs are batched anyway)",
+    )
     max_queue: int = Field(default=4096, ge=1, description="queued texts beyond which requests get 429")
     embedding_cache_size: int = Field(default=65536, ge=0, description="LRU entries of encoded texts")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After seconds sent with 429 and 503")

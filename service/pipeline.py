@@ -130,7 +130,7 @@ class Pipeline:
         )
         self.batcher = Batcher(
             scorer.encode,
-            max_batch_tokens=scorer.max_batch_tokens,  # the setting, or the provider's default
+            max_gather_tokens=settings.max_gather_tokens,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
             max_length=scorer.meta.encoder.max_length,

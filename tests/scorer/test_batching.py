@@ -57,12 +57,20 @@ def test_cache_is_lru_and_bounded(bundles: dict[str, Path]) -> None:
     assert scorer.cache_stats()["hits"] == 1
 
 
-@pytest.mark.parametrize("budget", [32, 100, 300])
-def test_results_do_not_depend_on_the_token_budget(budget: int, bundles: dict[str, Path], scorers) -> None:
-    small = Scorer.load(bundles["B"], provider="cpu", intra_op_threads=1, max_batch_tokens=budget)
+@pytest.mark.parametrize(("budget", "tolerance"), [(32, None), (100, None), (300, None), (16384, 0), (16384, 8)])
+def test_results_do_not_depend_on_the_token_budget(
+    budget: int, tolerance: int | None, bundles: dict[str, Path], scorers
+) -> None:
+    small = Scorer.load(
+        bundles["B"], provider="cpu", intra_op_threads=1, max_batch_tokens=budget, pad_tolerance=tolerance
+    )
     got = small.encode(PROMPTS, RESPONSES)
     _same(got, scorers["B"].encode(PROMPTS, RESPONSES))
-    assert small.cache_stats()["batches"] > 1  # the budget really split the work
+    assert small.cache_stats()["batches"] > 1  # the budget or the tolerance really split the work
+
+
+def test_cpu_scorer_defaults_to_small_batches_of_similar_lengths(scorers) -> None:
+    assert scorers["B"].max_batch_tokens == 1024 and scorers["B"].pad_tolerance == 8
 
 
 def test_token_budget_batches_respect_the_budget() -> None:
@@ -73,6 +81,21 @@ def test_token_budget_batches_respect_the_budget() -> None:
         np.testing.assert_array_equal(np.concatenate(batches), np.arange(len(lengths)))
         for b in batches:
             assert len(b) == 1 or len(b) * lengths[b].max() <= budget
+
+
+@pytest.mark.parametrize("tolerance", [0, 3, 8, 40])
+def test_pad_tolerance_bounds_the_padding_of_every_row(tolerance: int) -> None:
+    rng = np.random.default_rng(2)
+    lengths = np.sort(rng.integers(3, 257, size=500))[::-1]
+    batches = _token_budget_batches(lengths, 4096, tolerance)
+    np.testing.assert_array_equal(np.concatenate(batches), np.arange(len(lengths)))
+    for b in batches:
+        assert lengths[b].max() - lengths[b].min() <= tolerance
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 4096
+    # Maximal: the next batch's first row would have broken the tolerance or the budget of the one before.
+    for prev, nxt in zip(batches, batches[1:], strict=False):
+        width = lengths[prev[0]]
+        assert width - lengths[nxt[0]] > tolerance or (len(prev) + 1) * width > 4096
 
 
 def test_rewards_broadcast_and_validate(scorers) -> None:

@@ -26,7 +26,7 @@ class RecordingEncoder:
 
 async def test_concurrent_requests_merge_into_batches_with_rows_in_place(scorer_b) -> None:
     enc = RecordingEncoder(scorer_b)
-    b = Batcher(enc, max_batch_tokens=16384, max_wait_ms=50, max_queue=1000)
+    b = Batcher(enc, max_gather_tokens=16384, max_wait_ms=50, max_queue=1000)
     b.start()
     try:
         requests = [([f"prompt {i}"] * (1 + i % 3), [f"answer {i}.{j}" for j in range(1 + i % 3)]) for i in range(16)]
@@ -45,7 +45,7 @@ async def test_concurrent_requests_merge_into_batches_with_rows_in_place(scorer_
 async def test_token_budget_cuts_batches(scorer_b) -> None:
     enc = RecordingEncoder(scorer_b)
     # Each request is ~2 x 2 estimated tokens + text; a budget of 64 fits only a few per batch.
-    b = Batcher(enc, max_batch_tokens=64, max_wait_ms=50, max_queue=1000)
+    b = Batcher(enc, max_gather_tokens=64, max_wait_ms=50, max_queue=1000)
     b.start()
     try:
         await asyncio.gather(*(b.encode(["p" * 40], [f"r{i} " * 10]) for i in range(12)))
@@ -56,7 +56,7 @@ async def test_token_budget_cuts_batches(scorer_b) -> None:
 
 async def test_cancelled_request_is_dropped_before_encoding(scorer_b) -> None:
     enc = RecordingEncoder(scorer_b)
-    b = Batcher(enc, max_batch_tokens=16384, max_wait_ms=300, max_queue=10)
+    b = Batcher(enc, max_gather_tokens=16384, max_wait_ms=300, max_queue=10)
     b.start()
     try:
         gone = asyncio.create_task(b.encode(["p"], ["the client hung up"]))
@@ -74,7 +74,7 @@ async def test_queue_bound_and_encoder_errors(scorer_b) -> None:
     def broken(prompts, responses):
         raise RuntimeError("encoder exploded")
 
-    b = Batcher(broken, max_batch_tokens=16384, max_wait_ms=100, max_queue=3)
+    b = Batcher(broken, max_gather_tokens=16384, max_wait_ms=100, max_queue=3)
     b.start()
     try:
         first = asyncio.create_task(b.encode(["p"] * 2, ["a", "b"]))
