@@ -250,7 +250,14 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="PAL_NAME=VALUE",
+        help="a service setting for the started service (repeatable), e.g. --set PAL_EMBEDDING_CACHE_SIZE=2000",
+    )  # fmt: skip
     args = p.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
+    if bad := [k for k in settings if not k.startswith("PAL_")]:
+        p.error(f"--set takes PAL_* settings, got {bad}")
 
     if args.url:
         report = run_soak(args.url, args.duration, args.concurrency, args.adapt_fraction, args.max_requests, args.seed)
@@ -262,13 +269,16 @@ def main() -> None:
             bundle = args.bundle or _default_bundle(tmp_path)
             with (
                 RedisServer(tmp_path / "redis") as redis_server,
-                ServiceProcess(bundle, redis_server.url, tmp_path / "service.log") as service,
+                ServiceProcess(bundle, redis_server.url, tmp_path / "service.log", **settings) as service,
             ):
                 print(f"service {service.url} (pid {service.proc.pid}), redis {redis_server.url}", file=sys.stderr)
                 report = run_soak(
                     service.url, args.duration, args.concurrency, args.adapt_fraction, args.max_requests,
                     args.seed, rss=service.rss_bytes, redis_url=redis_server.url,
                 )  # fmt: skip
+                if report.errors:  # the service's side of the story, before the temporary directory goes
+                    log = (tmp_path / "service.log").read_text(errors="replace").splitlines()
+                    print("service log (last 60 lines):", *log[-60:], sep="\n  ", file=sys.stderr)
     print(report.summary())
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2))

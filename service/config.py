@@ -95,5 +95,11 @@ class Settings(BaseSettings):
     # --- HTTP
     host: str = Field(default="127.0.0.1", description="bind address of `pal serve` (0.0.0.0 in the images)")
     port: int = Field(default=8000, ge=1, le=65535, description="port of `pal serve`")
+    keep_alive_s: float = Field(
+        default=75.0,
+        gt=0,
+        description="idle seconds before `pal serve` closes a keep-alive connection; keep it above the clients' "
+        "own idle expiry (httpx: 5 s) so the client closes first and never sends on a connection being closed",
+    )
     api_key: str | None = Field(default=None, description="bearer token required on scoring and mutating routes")
     log_level: str = Field(default="info", description="uvicorn and service log level")

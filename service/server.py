@@ -24,4 +24,11 @@ def run_server(bundle: str | Path | None = None, host: str | None = None, port: 
     scorer = load_scorer(settings)
     app = create_app(settings, scorer=scorer)
     # One process: the model lives in it; concurrency comes from the batcher, not from workers.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_keep_alive=settings.keep_alive_s,
+    )

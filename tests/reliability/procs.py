@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from service.config import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -118,6 +120,8 @@ class ServiceProcess:
             PAL_PROVIDER="cpu",
             PAL_INTRA_OP_THREADS="1",
             PAL_LOG_LEVEL="warning",
+            # What `pal serve` does (uvicorn's CLI does not read Settings): outlive the clients' idle expiry.
+            PAL_KEEP_ALIVE_S=str(Settings.model_fields["keep_alive_s"].default),
             HF_HUB_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
             PYTHONPATH=str(REPO),
@@ -129,6 +133,7 @@ class ServiceProcess:
         args = [
             sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+            "--timeout-keep-alive", str(int(float(self.env()["PAL_KEEP_ALIVE_S"]))),
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(args, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT)

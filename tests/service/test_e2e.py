@@ -4,6 +4,7 @@ better than the unadapted prior, restart the server and find the weights still t
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -120,3 +121,16 @@ def test_adapted_unseen_users_rank_held_out_pairs_better_and_survive_restart(tra
             assert r.status_code == 200 and r.json()["weights"] == fit["weights"], r.text
         again = [_accuracy(client, user, test)[0] for user, (_, test) in users.items()]
         assert again == adapted
+        # Keep-alive outlives the clients' idle expiry (httpx: 5 s; uvicorn's own default is also 5 s, which races
+        # with it): a connection idle for 6 s still carries the next request.
+        conn = http.client.HTTPConnection("127.0.0.1", client.base_url.port, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() and conn.sock is not None
+            sock = conn.sock
+            time.sleep(6)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() and conn.sock is sock
+        finally:
+            conn.close()
