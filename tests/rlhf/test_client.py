@@ -58,7 +58,8 @@ def make_app(state: Flaky) -> FastAPI:
     @app.post("/users/{user_id}/adapt")
     async def adapt(user_id: str, request: Request) -> JSONResponse:
         body = await request.json()
-        if (failure := await _maybe_fail("/adapt", body)) is not None:
+        seen = body | {"idempotency_key": request.headers.get("idempotency-key")}
+        if (failure := await _maybe_fail("/adapt", seen)) is not None:
             return failure
         return JSONResponse({"user_id": user_id, "added": len(body["comparisons"])})
 
@@ -128,7 +129,7 @@ def test_connection_refused_is_retried_then_unavailable() -> None:
     assert time.monotonic() - t0 < 5
 
 
-def test_read_timeout_retried_for_scoring_not_for_adapt(server) -> None:
+def test_read_timeout_retried_for_scoring_and_for_adapt_under_one_idempotency_key(server) -> None:
     url, state = server
     state.delay_s["/score"] = 0.5
     with PalClient(url, retry=FAST, timeout_s=0.2) as client, pytest.raises(PalUnavailable, match="ReadTimeout"):
@@ -136,9 +137,26 @@ def test_read_timeout_retried_for_scoring_not_for_adapt(server) -> None:
     assert len(state.seen) == FAST.max_retries + 1
     state.seen.clear()
     state.delay_s["/adapt"] = 0.5
-    with PalClient(url, retry=FAST, timeout_s=0.2) as client, pytest.raises(PalError, match="not safe to retry"):
-        client.adapt("u1", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    assert len(state.seen) == 1  # the comparisons may have been stored: never sent twice
+    comparisons = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    with PalClient(url, retry=FAST, timeout_s=0.2) as client:
+        with pytest.raises(PalUnavailable, match="ReadTimeout"):
+            client.adapt("u1", comparisons)
+        # Every attempt of one call carries the same key (the server stores the comparisons once); calls differ.
+        keys = [body["idempotency_key"] for _, _, body in state.seen]
+        assert len(keys) == FAST.max_retries + 1 and len(set(keys)) == 1 and keys[0]
+        state.seen.clear()
+        with pytest.raises(PalUnavailable):
+            client.adapt("u1", comparisons)
+        assert {body["idempotency_key"] for _, _, body in state.seen} - set(keys) and len(state.seen) > 1
+        state.seen.clear()
+        with pytest.raises(PalUnavailable):
+            client.adapt("u1", comparisons, idempotency_key="caller-chosen-1")
+        assert {body["idempotency_key"] for _, _, body in state.seen} == {"caller-chosen-1"}
+        state.seen.clear()
+        # A raw non-idempotent call (no key) is never sent twice once it may have reached the server.
+        with pytest.raises(PalError, match="not safe to retry"):
+            client.request("POST", "/users/u1/adapt", {"comparisons": comparisons}, idempotent=False)
+        assert len(state.seen) == 1
 
 
 def test_adapt_is_retried_when_the_server_refused_it(server) -> None:
