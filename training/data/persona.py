@@ -114,25 +114,18 @@ def build_persona(p: PersonaParams = PersonaParams()) -> PreferenceSplits:
             out.append(Comparison(uid, PERSONA_PROMPT, chosen, rejected))
         return out
 
-    parts: dict[str, list[Comparison]] = {s: [] for s in ("train", "val", "test", "pool", "utest")}
+    info = {"builder": "persona", "params": asdict(p), "groups": group_personas(p)}
+    splits = PreferenceSplits("persona", [], [], [], [], [], info)
     users_per_group = p.seen_users_per_group + p.unseen_users_per_group
     for g, side in enumerate(sides):
         for j in range(users_per_group):
             if j < p.seen_users_per_group:
                 uid = f"persona-g{g}-seen-{j:03d}"
-                parts["train"] += pairs(uid, side, 0, p.train_pairs)
-                parts["val"] += pairs(uid, side, 1, p.val_pairs)
-                parts["test"] += pairs(uid, side, 2, p.test_pairs)
+                splits.seen_train += pairs(uid, side, 0, p.train_pairs)
+                splits.seen_val += pairs(uid, side, 1, p.val_pairs)
+                splits.seen_test += pairs(uid, side, 2, p.test_pairs)
             else:
                 uid = f"persona-g{g}-unseen-{j:03d}"
-                parts["pool"] += pairs(uid, side, 0, p.pool_pairs)
-                parts["utest"] += pairs(uid, side, 2, p.unseen_test_pairs)
-    return PreferenceSplits(
-        name="persona",
-        seen_train=parts["train"],
-        seen_val=parts["val"],
-        seen_test=parts["test"],
-        unseen_pool=parts["pool"],
-        unseen_test=parts["utest"],
-        info={"builder": "persona", "params": asdict(p), "groups": group_personas(p)},
-    )
+                splits.unseen_pool += pairs(uid, side, 0, p.pool_pairs)
+                splits.unseen_test += pairs(uid, side, 2, p.unseen_test_pairs)
+    return splits

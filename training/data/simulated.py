@@ -66,7 +66,8 @@ def build_simulated(p: SimulatedParams = SimulatedParams()) -> SimulatedData:
             out.append(Comparison(uid, SIM_PROMPT, names[win], names[lose]))
         return out
 
-    parts: dict[str, list[Comparison]] = {s: [] for s in ("train", "val", "test", "pool", "utest")}
+    info = {"builder": "simulated", "params": asdict(p)}
+    splits = PreferenceSplits(f"simulated-{p.setting}", [], [], [], [], [], info)
     weights: dict[str, np.ndarray] = {}
     for u in range(p.n_seen_users + p.n_unseen_users):
         seen = u < p.n_seen_users
@@ -74,20 +75,11 @@ def build_simulated(p: SimulatedParams = SimulatedParams()) -> SimulatedData:
         weights[uid] = user_mix(u)
         ideal = weights[uid] @ protos
         if seen:
-            parts["train"] += pairs(uid, ideal, p.train_pairs)
-            parts["val"] += pairs(uid, ideal, p.val_pairs)
-            parts["test"] += pairs(uid, ideal, p.test_pairs)
+            splits.seen_train += pairs(uid, ideal, p.train_pairs)
+            splits.seen_val += pairs(uid, ideal, p.val_pairs)
+            splits.seen_test += pairs(uid, ideal, p.test_pairs)
         else:
-            parts["pool"] += pairs(uid, ideal, p.pool_pairs)
-            parts["utest"] += pairs(uid, ideal, p.unseen_test_pairs)
-    splits = PreferenceSplits(
-        name=f"simulated-{p.setting}",
-        seen_train=parts["train"],
-        seen_val=parts["val"],
-        seen_test=parts["test"],
-        unseen_pool=parts["pool"],
-        unseen_test=parts["utest"],
-        info={"builder": "simulated", "params": asdict(p)},
-    )
+            splits.unseen_pool += pairs(uid, ideal, p.pool_pairs)
+            splits.unseen_test += pairs(uid, ideal, p.unseen_test_pairs)
     table = {n: items[i].astype(np.float32) for i, n in enumerate(names)}
     return SimulatedData(splits, table, protos, weights)
