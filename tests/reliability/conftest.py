@@ -3,7 +3,6 @@ loaded in-process (to recompute fits), and a live in-thread app on loopback back
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,6 @@ import pytest
 
 from service.config import Settings
 from tests.reliability.procs import RedisServer
-from tests.scorer.factory import make_random_bundle
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small limits so the "past the limit" requests stay cheap; the service reads the same numbers from Settings.
 LIMITS = dict(max_text_chars=4000, max_items_per_request=64, max_comparisons_per_request=32, max_body_bytes=256 * 1024)
@@ -27,8 +22,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_random_bundle(tmp_path_factory.mktemp("reliability-bundle"), form="B", k=3, max_length=64)
+def bundle(random_bundle_b: Path) -> Path:
+    return random_bundle_b
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from models import bundle as B
 from models import checkpoint as C
 from models.bundle import BundleError
 from tests.reliability.procs import REPO
+from tests.scorer.factory import copy_bundle
 
 
 class _Payload:
@@ -42,19 +43,6 @@ def _pickles(marker: Path) -> dict[str, bytes]:
         z.writestr("archive/data.pkl", pickle.dumps(_Payload(marker), protocol=2))
         z.writestr("archive/version", "3\n")
     return {**{f"pickle-{p}": data for p, data in plain.items()}, "torch-zip": torch_like.getvalue()}
-
-
-def _copy_bundle(bundle: Path, dest: Path) -> Path:
-    """A bundle copy whose ~90 MB graph is a symlink unless the test replaces it."""
-    dest.mkdir(parents=True)
-    for p in bundle.iterdir():
-        if p.suffix == ".onnx":
-            (dest / p.name).symlink_to(p)
-        elif p.is_dir():
-            shutil.copytree(p, dest / p.name)
-        else:
-            shutil.copy(p, dest / p.name)
-    return dest
 
 
 def _plant(path: Path, data: bytes) -> None:
@@ -83,7 +71,7 @@ BUNDLE_TARGETS = [B.HEAD_FILE, B.USERS_FILE, B.GRAPH_FP32, f"{B.TOKENIZER_DIR}/{
 def test_pickle_planted_in_a_bundle_is_refused_without_running_it(target: str, bundle: Path, tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     for kind, data in _pickles(marker).items():
-        copy = _copy_bundle(bundle, tmp_path / kind)
+        copy = copy_bundle(bundle, tmp_path / kind)
         _plant(copy / target, data)
         with pytest.raises(BundleError) as err:
             _load_bundle(copy)
@@ -126,7 +114,7 @@ def _truncations(data: bytes) -> dict[str, bytes]:
 @pytest.mark.parametrize("target", [B.HEAD_FILE, B.USERS_FILE])
 def test_truncated_or_corrupt_safetensors_are_clear_errors(target: str, bundle: Path, tmp_path: Path) -> None:
     for why, data in _truncations((bundle / target).read_bytes()).items():
-        copy = _copy_bundle(bundle, tmp_path / why.replace(" ", "-"))
+        copy = copy_bundle(bundle, tmp_path / why.replace(" ", "-"))
         _plant(copy / target, data)
         with pytest.raises(BundleError, match=target.split(".")[0]):
             _load_bundle(copy)
@@ -147,7 +135,7 @@ def test_truncated_and_garbage_onnx_graphs_are_clear_errors(bundle: Path, tmp_pa
     with open(bundle / B.GRAPH_FP32, "rb") as f:
         head = f.read(1 << 20)
     for why, data in {"truncated": head, "garbage": b"\x08\x07garbage" * 1000, "empty": b""}.items():
-        copy = _copy_bundle(bundle, tmp_path / why)
+        copy = copy_bundle(bundle, tmp_path / why)
         _plant(copy / B.GRAPH_FP32, data)
         with pytest.raises(BundleError, match="ONNX|onnx|model"):
             _load_bundle(copy)
@@ -156,7 +144,7 @@ def test_truncated_and_garbage_onnx_graphs_are_clear_errors(bundle: Path, tmp_pa
 def test_pal_serve_refuses_a_poisoned_bundle_and_exits(bundle: Path, tmp_path: Path) -> None:
     """The real entry point: a pickle as head weights stops `pal serve` with an error naming the file and why."""
     marker = tmp_path / "PWNED"
-    copy = _copy_bundle(bundle, tmp_path / "poisoned")
+    copy = copy_bundle(bundle, tmp_path / "poisoned")
     _plant(copy / B.HEAD_FILE, _pickles(marker)["pickle-5"])
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PAL_PROVIDER": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

@@ -3,7 +3,6 @@ uvicorn on a local port, so the client, the TRL function and verl's compute_scor
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,15 +13,11 @@ import pytest
 from service.app import create_app
 from service.config import Settings
 from tests.rlhf.server import serve_in_thread
-from tests.scorer.factory import make_random_bundle
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def rlhf_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_random_bundle(tmp_path_factory.mktemp("rlhf-bundle"), form="B", k=3, max_length=64)
+def rlhf_bundle(random_bundle_b: Path) -> Path:
+    return random_bundle_b
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,16 @@ from pathlib import Path
 import pytest
 
 from models.scorer import Scorer
+from tests.scorer.factory import RANDOM_BUNDLE_MAX_LENGTH as MAX_LENGTH
 from tests.scorer.factory import make_random_bundle
-
-# Short enough that a few sentences get truncated, so parity covers the truncation path cheaply.
-MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One real export per PAL form (PAL-B also with the fp16 graph); checkpoints sit beside as checkpoint-<form>."""
+def bundles(random_bundle_a: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One real export per PAL form (PAL-B with the fp16 graph too, so its own); checkpoints sit beside as
+    checkpoint-<form>."""
     root = tmp_path_factory.mktemp("scorer-bundles")
-    return {form: make_random_bundle(root, form=form, max_length=MAX_LENGTH, fp16=form == "B") for form in "AB"}
+    return {"A": random_bundle_a, "B": make_random_bundle(root, form="B", max_length=MAX_LENGTH, fp16=True)}
 
 
 @pytest.fixture(scope="session")

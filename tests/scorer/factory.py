@@ -6,6 +6,7 @@ takes a few seconds (tracing + onnxruntime fusion), so call it from a session-sc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from models.config import EncoderSpec, PALConfig
@@ -31,6 +32,24 @@ def make_random_checkpoint(
     directory = Path(directory)
     save_checkpoint(directory, model, [f"user-{i}" for i in range(n_users)], EncoderSpec(max_length=max_length))
     return directory
+
+
+def copy_bundle(bundle: Path, dest: Path) -> Path:
+    """A bundle copy a test may damage; its graphs are symlinks (they are ~90 MB) unless the test replaces them."""
+    dest.mkdir(parents=True)
+    for p in bundle.iterdir():
+        if p.suffix == ".onnx":
+            (dest / p.name).symlink_to(p)
+        elif p.is_dir():
+            shutil.copytree(p, dest / p.name)
+        else:
+            shutil.copy(p, dest / p.name)
+    return dest
+
+
+# The shared test bundles' max_length: short enough that a few test sentences get truncated, so every suite
+# covers the truncation path cheaply.
+RANDOM_BUNDLE_MAX_LENGTH = 64
 
 
 def make_random_bundle(

@@ -14,19 +14,7 @@ import pytest
 from models import bundle as B
 from models.bundle import BundleError
 from models.scorer import ProviderError, Scorer
-
-
-def _copy(bundle: Path, dest: Path) -> Path:
-    """A bundle copy whose graphs are symlinks (they are ~90 MB) unless a test replaces them."""
-    dest.mkdir()
-    for p in bundle.iterdir():
-        if p.suffix == ".onnx":
-            (dest / p.name).symlink_to(p)
-        elif p.is_dir():
-            shutil.copytree(p, dest / p.name)
-        else:
-            shutil.copy(p, dest / p.name)
-    return dest
+from tests.scorer.factory import copy_bundle
 
 
 def test_bundle_config_reports_fusions_and_version(bundles: dict[str, Path]) -> None:
@@ -63,7 +51,7 @@ def test_cuda_requested_without_cuda_fails_loudly(bundles: dict[str, Path]) -> N
     "name", [B.CONFIG_FILE, B.GRAPH_FP32, B.HEAD_FILE, B.USERS_FILE, B.USER_IDS_FILE, B.TOKENIZER_DIR]
 )
 def test_missing_file_is_a_clear_error(name: str, bundles: dict[str, Path], tmp_path: Path) -> None:
-    bundle = _copy(bundles["A"], tmp_path / "b")
+    bundle = copy_bundle(bundles["A"], tmp_path / "b")
     target = bundle / name
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(BundleError, match=name.split(".")[0]):
@@ -71,7 +59,7 @@ def test_missing_file_is_a_clear_error(name: str, bundles: dict[str, Path], tmp_
 
 
 def test_garbage_graph_is_a_clear_error(bundles: dict[str, Path], tmp_path: Path) -> None:
-    bundle = _copy(bundles["A"], tmp_path / "b")
+    bundle = copy_bundle(bundles["A"], tmp_path / "b")
     (bundle / B.GRAPH_FP32).unlink()
     (bundle / B.GRAPH_FP32).write_bytes(b"not an onnx graph at all")
     with pytest.raises(BundleError, match="ONNX"):
@@ -80,7 +68,7 @@ def test_garbage_graph_is_a_clear_error(bundles: dict[str, Path], tmp_path: Path
 
 def test_graph_of_the_other_form_is_rejected(bundles: dict[str, Path], tmp_path: Path) -> None:
     """A PAL-A graph inside a PAL-B bundle: its outputs do not match the config."""
-    bundle = _copy(bundles["B"], tmp_path / "b")
+    bundle = copy_bundle(bundles["B"], tmp_path / "b")
     (bundle / B.GRAPH_FP32).unlink()
     (bundle / B.GRAPH_FP32).symlink_to(bundles["A"] / B.GRAPH_FP32)
     with pytest.raises(BundleError, match="graph"):
@@ -90,24 +78,24 @@ def test_graph_of_the_other_form_is_rejected(bundles: dict[str, Path], tmp_path:
 def test_wrong_shapes_and_bad_config_are_clear_errors(bundles: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.numpy import load_file, save_file
 
-    bundle = _copy(bundles["A"], tmp_path / "b")
+    bundle = copy_bundle(bundles["A"], tmp_path / "b")
     head = load_file(str(bundle / B.HEAD_FILE))
     head["f.w0"] = head["f.w0"][:10]
     save_file(head, str(bundle / B.HEAD_FILE))
     with pytest.raises(BundleError, match="f.w0"):
         Scorer.load(bundle, provider="cpu")
 
-    bundle = _copy(bundles["A"], tmp_path / "c")
+    bundle = copy_bundle(bundles["A"], tmp_path / "c")
     save_file({"logits": np.zeros((1, 3), dtype=np.float32)}, str(bundle / B.USERS_FILE))
     with pytest.raises(BundleError, match="users"):
         Scorer.load(bundle, provider="cpu")
 
-    bundle = _copy(bundles["A"], tmp_path / "d")
+    bundle = copy_bundle(bundles["A"], tmp_path / "d")
     (bundle / B.CONFIG_FILE).write_text(json.dumps({"format": B.FORMAT, "version": "x"}))
     with pytest.raises(BundleError, match="config"):
         Scorer.load(bundle, provider="cpu")
 
-    bundle = _copy(bundles["A"], tmp_path / "e")
+    bundle = copy_bundle(bundles["A"], tmp_path / "e")
     (bundle / B.TOKENIZER_DIR / B.TOKENIZER_FILE).write_text("{not json")
     with pytest.raises(BundleError, match="tokenizer"):
         Scorer.load(bundle, provider="cpu")
@@ -158,7 +146,7 @@ def test_scorer_imports_no_torch(bundles: dict[str, Path]) -> None:
 def test_export_replaces_an_earlier_bundle(bundles: dict[str, Path], tmp_path: Path) -> None:
     from models.export import export_bundle
 
-    out = _copy(bundles["A"], tmp_path / "bundle")
+    out = copy_bundle(bundles["A"], tmp_path / "bundle")
     (out / "stale.txt").write_text("from the earlier export")
     report = export_bundle(bundles["A"].parent / "checkpoint-A", out)
     assert report.version == B.read_meta(bundles["A"]).version

