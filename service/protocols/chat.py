@@ -17,7 +17,7 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_pipeline, get_settings
 from service.pipeline import Pipeline
-from service.protocols.common import ERROR_RESPONSES, as_422, check_count, renderer_for, score_pairs
+from service.protocols.common import ERROR_RESPONSES, as_422, check_count, score_pairs
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import ScoreItemOut, ScoreResponse, UserId
 
@@ -62,7 +62,7 @@ async def score_chat(
     settings: Settings = Depends(get_settings),
 ) -> ScoreResponse:
     check_count(len(req.items), settings)
-    renderer = renderer_for(pipeline)
+    renderer = pipeline.chat
     pairs = []
     for i, item in enumerate(req.items):
         try:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from fastapi import HTTPException, Request
 from pydantic import BaseModel
 
-from models.chat import ChatFormatError, ChatRenderer
+from models.chat import ChatFormatError
 from service.config import Settings
 from service.pipeline import Pipeline, ScoreItem, ScoreResult
 from service.routes import until_disconnect
@@ -33,11 +33,6 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     429: {"model": ErrorBody, "description": "encoder queue full; retry after Retry-After seconds"},
     503: {"model": ErrorBody, "description": "model not loaded yet; retry after Retry-After seconds"},
 }
-
-
-def renderer_for(pipeline: Pipeline) -> ChatRenderer:
-    """The loaded model's renderer (its chat template comes from the bundle)."""
-    return pipeline.chat
 
 
 def unprocessable(message: str) -> HTTPException:

@@ -28,7 +28,6 @@ from service.protocols.common import (
     check_count,
     check_text,
     check_user_id,
-    renderer_for,
     score_pairs,
     unprocessable,
 )
@@ -80,7 +79,7 @@ async def get_reward(
     check_count(len(queries), settings, "queries")
     prompts = _as_list(req.prompts, len(queries), "prompts")
     labels = _as_list(req.labels, len(queries), "labels")
-    renderer = renderer_for(pipeline)
+    renderer = pipeline.chat
     pairs = []
     for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels, strict=True)):
         check_text(query, f"query[{i}]", settings, texts=2)

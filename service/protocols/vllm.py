@@ -27,7 +27,7 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_pipeline, get_settings
 from service.pipeline import Pipeline
-from service.protocols.common import ERROR_RESPONSES, as_422, check_count, check_text, renderer_for, score_pairs
+from service.protocols.common import ERROR_RESPONSES, as_422, check_count, check_text, score_pairs
 from service.protocols.messages import MessageIn, as_dicts
 
 router = APIRouter(tags=["rlhf"])
@@ -92,7 +92,7 @@ async def classify(
     pipeline: Pipeline = Depends(get_pipeline),
     settings: Settings = Depends(get_settings),
 ) -> ClassifyResponse:
-    renderer = renderer_for(pipeline)
+    renderer = pipeline.chat
     pairs: list[tuple[str, str, str | None]] = []
     if req.input is not None:
         texts = [req.input] if isinstance(req.input, str) else req.input
