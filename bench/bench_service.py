@@ -98,18 +98,13 @@ async def load(port: int, bodies: list[bytes], concurrency: int) -> tuple[float,
     return time.perf_counter() - t0, latencies
 
 
-def bare_scorer_seconds(scorer, items: list[dict[str, str]], weights: np.ndarray) -> float:
-    """Seconds the scorer alone takes on these items (one encode call + rewards), cache emptied first."""
-    scorer.clear_cache()
-    t0 = time.perf_counter()
-    enc = scorer.encode([it["prompt"] for it in items], [it["response"] for it in items])
-    scorer.rewards(enc, np.broadcast_to(weights, (len(items), len(weights))))
-    return time.perf_counter() - t0
-
-
-def bare_scorer_per_call_seconds(scorer, items: list[dict[str, str]], weights: np.ndarray, per_call: int) -> float:
-    """The same, called the way the clients call the service: `per_call` items at a time (the concurrency), so the
-    ratio to it isolates what the service layer costs (HTTP, validation, Redis, batcher), not what batching buys."""
+def bare_scorer_seconds(
+    scorer, items: list[dict[str, str]], weights: np.ndarray, per_call: int | None = None
+) -> float:
+    """Seconds the scorer alone takes on these items (encode + rewards), cache emptied first: in one call, or
+    `per_call` items at a time, the way the clients call the service (the concurrency), so the ratio to that
+    isolates what the service layer costs (HTTP, validation, Redis, batcher), not what batching buys."""
+    per_call = per_call or len(items)
     scorer.clear_cache()
     t0 = time.perf_counter()
     for start in range(0, len(items), per_call):
@@ -210,7 +205,7 @@ def main() -> None:
             for rnd in range(args.rounds):
                 items = make_items(n // args.rounds, f"c{conc}r{rnd}", seed=100 * level + rnd)
                 bare_s += bare_scorer_seconds(scorer, items, weights)
-                per_call_s += bare_scorer_per_call_seconds(scorer, items, weights, conc)
+                per_call_s += bare_scorer_seconds(scorer, items, weights, per_call=conc)
                 wall, rnd_lat = asyncio.run(load(port, [json.dumps({"items": [it]}).encode() for it in items], conc))
                 service_s += wall
                 lat += rnd_lat

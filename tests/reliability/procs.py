@@ -130,13 +130,14 @@ class ServiceProcess:
         return env
 
     def start(self, timeout_s: float = 120) -> ServiceProcess:
+        env = self.env()
         args = [
             sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-            "--timeout-keep-alive", str(int(float(self.env()["PAL_KEEP_ALIVE_S"]))),
+            "--timeout-keep-alive", str(int(float(env["PAL_KEEP_ALIVE_S"]))),
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
-        self.proc = subprocess.Popen(args, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait(self._healthy, timeout_s, "service did not become healthy", self.proc)
         except Exception:
