@@ -218,7 +218,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     async def info(request: Request) -> Info:
         from service.deps import get_pipeline
 
-        pipeline = get_pipeline(request)
+        pipeline = await get_pipeline(request)
         meta = pipeline.scorer.meta
         s = request.app.state.settings
         return Info(
