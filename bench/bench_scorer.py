@@ -11,13 +11,14 @@ computes the same rewards (checked: max |diff| printed). Methods:
                     only reuse is the in-call dedup of the 8x repeated prompts
     scorer (warm)   the same step again with a warm cache (an RLHF step re-scoring texts it has seen)
     torch naive     per item: tokenize + encode the prompt and the response, one forward pass each (timed on
-                    --naive-items items spread evenly over the workload: its rate does not depend on the count)
+                    --naive-items items spread evenly over the workload: its rate does not depend on the count;
+                    in the same interleaved rounds, best round counts, like every other method)
     torch batched   torch eager, batches of --torch-batch items in arrival order, padded to the longest row
     torch batched + dedup/sort   the scorer's own batching (dedup, length sort, token budget) in torch:
                     isolates what the ONNX graph itself buys
 
 Prints items/s per method, ratios against the scorer, and p50/p99 latency of per-group calls and of encoder
-batches. Batched methods run in interleaved rounds (best round counts), so other load on the machine hits them alike;
+batches. All methods run in interleaved rounds (best round counts), so other load on the machine hits them alike;
 absolute numbers still want a quiet machine.
 """
 
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--fp16", action="store_true", help="score with the fp16 graph (exported if needed)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, ORT and torch")
+    ap.add_argument("--spinning", action="store_true", help="ORT threads spin within a run (PAL_INTRA_OP_SPINNING)")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="default: the scorer's for the provider")
     ap.add_argument("--torch-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts")
@@ -108,7 +110,7 @@ def main() -> None:
         print(f"exported {bundle} in {report.seconds}s, fusions {report.fusions}")
 
     scorer = Scorer.load(
-        bundle, provider=args.provider, fp16=args.fp16, intra_op_threads=args.threads,
+        bundle, provider=args.provider, fp16=args.fp16, intra_op_threads=args.threads, spinning=args.spinning,
         max_batch_tokens=args.max_batch_tokens,
     )
     cfg, spec = scorer.meta.pal, scorer.meta.encoder
@@ -124,7 +126,7 @@ def main() -> None:
         f"{int(scorer.encode(prompts, responses).truncated.sum())} items truncated"
     )
     print(
-        f"provider {scorer.provider}, {args.threads} threads, fp16={args.fp16}, "
+        f"provider {scorer.provider}, {args.threads} threads (spinning={args.spinning}), fp16={args.fp16}, "
         f"batch budget {scorer.max_batch_tokens} tokens, pad tolerance {scorer.pad_tolerance}, "
         f"torch {torch.__version__}"
     )
@@ -215,24 +217,28 @@ def main() -> None:
         return reward(torch.stack([emb[t] for t in p_all]), torch.stack([emb[t] for t in x_all]), weights)
 
     # Rounds interleave the methods so that load from other processes hits them alike; best round counts.
-    methods = {"scorer": score_cold, "torch batched eager": torch_batched, "torch batched + dedup/sort": torch_dedup}
+    everything = np.arange(n)
+    # The per-item loop runs on items spread evenly over the workload, so every prompt length is represented.
+    naive_idx = np.linspace(0, n - 1, min(n, args.naive_items)).round().astype(int)
+    methods: dict[str, tuple[Callable[[], np.ndarray], np.ndarray]] = {
+        "scorer": (score_cold, everything),
+        "torch batched eager": (torch_batched, everything),
+        "torch batched + dedup/sort": (torch_dedup, everything),
+    }
+    if args.naive_items:
+        methods["torch naive per-item"] = (lambda: torch_naive(naive_idx), naive_idx)
     best: dict[str, float] = {name: float("inf") for name in methods}
     outputs: dict[str, np.ndarray] = {}
     for r in range(args.repeats):
-        for name, fn in methods.items():
+        for name, (fn, _) in methods.items():
             secs, outputs[name] = timed(fn)
             best[name] = min(best[name], secs)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {n / v:.1f} items/s" for k, v in best.items()), flush=True)
-    everything = np.arange(n)
-    rows = [(name, n, best[name], outputs[name], everything) for name in methods]
+        rates = ", ".join(f"{k} {len(methods[k][1]) / v:.1f} items/s" for k, v in best.items())
+        print(f"round {r + 1} (best so far): {rates}", flush=True)
+    rows = [(name, len(idx), best[name], outputs[name], idx) for name, (_, idx) in methods.items()]
     secs, out = timed(score_warm)
     rows.insert(1, ("scorer (warm cache)", n, secs, out, everything))
     ref = outputs["torch batched eager"]
-    if args.naive_items:
-        # Evenly spread over the workload, so every prompt length is represented (not just the first groups).
-        idx = np.linspace(0, n - 1, min(n, args.naive_items)).round().astype(int)
-        secs, out = timed(lambda: torch_naive(idx))
-        rows.append(("torch naive per-item", len(idx), secs, out, idx))
     header = ("method", "items", "seconds", "items/s", "scorer speed-up", "max|r - torch|")
     print("\n{:30s} {:>6s} {:>9s} {:>9s} {:>16s} {:>15s}".format(*header))
     scorer_rate = n / best["scorer"]

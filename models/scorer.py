@@ -103,6 +103,7 @@ class Scorer:
         provider: str = "auto",
         fp16: bool = False,
         intra_op_threads: int = 0,
+        spinning: bool = False,
         max_batch_tokens: int | None = None,
         cache_size: int = 65536,
         pad_tolerance: int | None = -1,
@@ -122,7 +123,7 @@ class Scorer:
         graph = meta.graphs.get("fp16" if fp16 else "fp32")
         if graph is None:
             raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
-        session = _session(directory / graph, provider, intra_op_threads)
+        session = _session(directory / graph, provider, intra_op_threads, spinning)
         scorer = cls(meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size, pad_tolerance)
         scorer._probe()
         return scorer
@@ -304,7 +305,7 @@ def _token_budget_batches(
     return batches
 
 
-def _session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:
+def _session(path: Path, provider: str, intra_op_threads: int, spinning: bool = False) -> ort.InferenceSession:
     available = ort.get_available_providers()
     if provider == "cuda" and CUDA not in available:
         raise ProviderError(
@@ -315,9 +316,12 @@ def _session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceS
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle intra-op threads sleep instead of spin-waiting: the scorer shares its cores with tokenization, the
-    # event loop and other processes, and measured ~20% faster on a contended 2-core machine without spinning.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # By default idle intra-op threads sleep instead of spin-waiting: the scorer shares its cores with tokenization,
+    # the event loop and other processes, and with one busy process beside it spinning measured ~30% slower (2
+    # cores). On dedicated cores spinning makes a single short text ~20% faster (docs/SCORER.md). Threads stop
+    # spinning when a run ends either way, so an idle service burns no CPU.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if not path.is_file():
         raise BundleError(f"bundle {path.parent} has no {path.name}")
     try:

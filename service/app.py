@@ -42,6 +42,7 @@ def load_scorer(settings: Settings) -> Scorer:
         provider=settings.provider,
         fp16=settings.fp16,
         intra_op_threads=settings.intra_op_threads,
+        spinning=settings.intra_op_spinning,
         max_batch_tokens=settings.max_batch_tokens,
         cache_size=settings.embedding_cache_size,
     )

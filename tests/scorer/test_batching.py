@@ -69,6 +69,11 @@ def test_results_do_not_depend_on_the_token_budget(
     assert small.cache_stats()["batches"] > 1  # the budget or the tolerance really split the work
 
 
+def test_spinning_threads_change_speed_not_results(bundles: dict[str, Path], scorers) -> None:
+    spinning = Scorer.load(bundles["B"], provider="cpu", intra_op_threads=2, spinning=True)
+    _same(spinning.encode(PROMPTS, RESPONSES), scorers["B"].encode(PROMPTS, RESPONSES))
+
+
 def test_cpu_scorer_defaults_to_small_batches_of_similar_lengths(scorers) -> None:
     assert scorers["B"].max_batch_tokens == 1024 and scorers["B"].pad_tolerance == 8
 
