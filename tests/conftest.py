@@ -1,4 +1,5 @@
-"""Session fixtures shared by every suite: random PAL heads on the real MiniLM, exported once.
+"""Session fixtures shared by every suite: random PAL heads on the real MiniLM, exported once, and the PAL-B one
+loaded once for the suites that serve it.
 
 Each export costs several seconds (ONNX export + onnxruntime's BERT fusion). The suites only read these bundles
 (tests that damage a bundle or a checkpoint copy it first), so one export per form serves them all.
@@ -27,3 +28,16 @@ def random_bundle_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def random_bundle_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random PAL-A head (K=3), another model version than PAL-B; its checkpoint sits beside it as checkpoint-A."""
     return make_random_bundle(tmp_path_factory.mktemp("random-a"), form="A", k=3, max_length=RANDOM_BUNDLE_MAX_LENGTH)
+
+
+@pytest.fixture(scope="session")
+def random_scorer_b(random_bundle_b: Path):
+    """random_bundle_b loaded as the service suites run it (CPU, 1 thread, small cache); thread-safe, so shared."""
+    from models.scorer import Scorer
+
+    return Scorer.load(random_bundle_b, provider="cpu", intra_op_threads=1, cache_size=4096)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

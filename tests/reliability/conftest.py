@@ -16,21 +16,14 @@ from tests.reliability.procs import RedisServer
 LIMITS = dict(max_text_chars=4000, max_items_per_request=64, max_comparisons_per_request=32, max_body_bytes=256 * 1024)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="session")
 def bundle(random_bundle_b: Path) -> Path:
     return random_bundle_b
 
 
 @pytest.fixture(scope="session")
-def scorer(bundle: Path):
-    from models.scorer import Scorer
-
-    return Scorer.load(bundle, provider="cpu", intra_op_threads=1, cache_size=4096)
+def scorer(random_scorer_b):
+    return random_scorer_b
 
 
 @pytest.fixture

@@ -21,10 +21,8 @@ def rlhf_bundle(random_bundle_b: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def rlhf_scorer(rlhf_bundle: Path):
-    from models.scorer import Scorer
-
-    return Scorer.load(rlhf_bundle, provider="cpu", intra_op_threads=1, cache_size=4096)
+def rlhf_scorer(random_scorer_b):
+    return random_scorer_b
 
 
 def wait_until_ready(app, url: str, timeout_s: float = 60.0) -> None:

@@ -15,21 +15,14 @@ from service.app import create_app
 from service.config import Settings
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="session")
 def bundle_b(random_bundle_b: Path) -> Path:
     return random_bundle_b
 
 
 @pytest.fixture(scope="session")
-def scorer_b(bundle_b: Path):
-    from models.scorer import Scorer
-
-    return Scorer.load(bundle_b, provider="cpu", intra_op_threads=1, cache_size=4096)
+def scorer_b(random_scorer_b):
+    return random_scorer_b
 
 
 @pytest.fixture(scope="session")
