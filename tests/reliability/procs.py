@@ -48,6 +48,18 @@ def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None 
     raise TimeoutError(f"{what} within {timeout_s} s")
 
 
+def _stop(proc: subprocess.Popen | None, sig: int, timeout_s: float) -> None:
+    """Send `sig` to a running process and reap it; SIGKILL it if it has not exited within `timeout_s`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 class RedisServer:
     """A redis-server on 127.0.0.1:<port> with its data in `data_dir`; stop/start keep port and data."""
 
@@ -83,9 +95,7 @@ class RedisServer:
             return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=20)
+        _stop(self.proc, sig, timeout_s=20)
         self.proc = None
 
     def __enter__(self) -> RedisServer:
@@ -153,13 +163,7 @@ class ServiceProcess:
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        _stop(self.proc, sig, timeout_s=30)
         self.proc = None
 
     def __enter__(self) -> ServiceProcess:
