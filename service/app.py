@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -100,6 +101,12 @@ async def _start(app: FastAPI, settings: Settings, store: UserStore, scorer: Sco
         await asyncio.to_thread(scorer.warmup)
         pipeline = Pipeline(scorer, store, settings, app.state.metrics)
         app.state.metrics.watch(lambda: {"queue_depth": pipeline.batcher.queue_depth}, pipeline.cache_stats)
+        # Ready only once the checkpoint's seen users are in Redis, or they would score with the prior meanwhile.
+        # Redis unreachable or slow: start anyway (scoring works on the prior) and let migrate() finish seeding.
+        try:
+            await asyncio.wait_for(pipeline.seed_users(), settings.seed_wait_s)
+        except (RedisError, TimeoutError) as e:
+            log.warning("seen users not yet written (%s); seeding goes on in the background", str(e) or "timed out")
         pipeline.start()
         app.state.pipeline = pipeline
         app.state.metrics.ready.set(1)

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         ge=1,
         description="seconds an adapt's Idempotency-Key is remembered; a retry after that stores again",
     )
+    seed_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="start-up waits up to this long for the checkpoint's seen users to be written to Redis before "
+        "reporting ready; past it (or with Redis unreachable) it starts and writes them in the background",
+    )
 
     # --- HTTP
     host: str = Field(default="127.0.0.1", description="bind address of `pal serve` (0.0.0.0 in the images)")

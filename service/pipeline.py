@@ -146,6 +146,7 @@ class Pipeline:
         self._redis_retry_at = 0.0
         self.ready = False
         self.migration: dict[str, int | str] = {"state": "pending", "seeded": 0, "refitted": 0}
+        self._seeded = False
 
     # --- lifecycle
 
@@ -328,14 +329,20 @@ class Pipeline:
 
     # --- start-up state
 
+    async def seed_users(self) -> None:
+        """Write the checkpoint's seen users to Redis for this model version (resumable; once per version)."""
+        self.migration["state"] = "seeding"
+        self.migration["seeded"] = await self.store.seed_checkpoint_users(self.version, self.seen)
+        self._seeded = True
+
     async def migrate(self, retry_s: float = 5.0) -> None:
-        """Write the checkpoint's seen users, then refit users whose comparisons this model version's fit has
-        not all seen (a new deploy, or a rollback to a version fitted earlier). Runs in the background; retries
-        while Redis is unreachable."""
+        """Write the checkpoint's seen users unless start-up already did, then refit users whose comparisons
+        this model version's fit has not all seen (a new deploy, or a rollback to a version fitted earlier).
+        Runs in the background; retries while Redis is unreachable."""
         while True:
             try:
-                self.migration["state"] = "seeding"
-                self.migration["seeded"] = await self.store.seed_checkpoint_users(self.version, self.seen)
+                if not self._seeded:
+                    await self.seed_users()
                 self.migration["state"] = "refitting"
                 async for user in self.store.users_with_comparisons():
                     fit = await self.store.get_fit(self.version, user)

@@ -6,7 +6,8 @@ Keys, all of one user in one cluster hash slot thanks to the {braces}:
     {prefix}:u:{<user>}:w    hash model_version -> JSON StoredFit
     {prefix}:u:{<user>}:idem:<key>  an applied Idempotency-Key: "<body hash>:<seq after its append>", with a TTL
     {prefix}:u:{<user>}:idem         sorted set of the user's idempotency key names, scored by expiry
-    {prefix}:seeded          set of model versions whose checkpoint users were written once
+    {prefix}:seeded          set of model versions whose checkpoint users were all written once
+    {prefix}:seeding         hash model_version -> checkpoint users (sorted by id) written so far
 
 An append is one Lua script (RPUSH + LTRIM + INCRBY, and with an idempotency key: check it, then record it), so
 concurrent adapts lose nothing and a key is applied at most once however many requests carry it. A fit records
@@ -24,6 +25,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import redis.asyncio as aioredis
+
+# Checkpoint users written per round trip while seeding (and per progress record).
+SEED_CHUNK = 1000
 
 _PUT_IF_NEWER = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -201,22 +205,36 @@ class UserStore:
         keys = [self._key(user, "w"), self._key(user, "c")]
         return bool(await self._put_if_newer(keys=keys, args=[version, fit.seq, fit.to_json()]))
 
-    async def seed_checkpoint_users(self, version: str, weights: dict[str, np.ndarray]) -> int:
+    async def seed_checkpoint_users(
+        self, version: str, weights: dict[str, np.ndarray], chunk: int = SEED_CHUNK
+    ) -> int:
         """Write the checkpoint's seen users once per model version (a later DELETE stays deleted).
 
-        Never overwrites a fit already stored for this version. Returns how many were written.
+        Resumable: the users go in id order, `chunk` per round trip, and the count written so far is recorded
+        after each chunk, so seeding cut short (Redis lost, the process killed, start-up gave up waiting) goes on
+        where it stopped, and the version counts as seeded only once every user is written. A chunk cut short is
+        written again; HSETNX never overwrites a fit already stored for this version. Returns how many were
+        written by this call.
         """
-        if not await self.r.sadd(f"{self.prefix}:seeded", version):
+        seeded, progress = f"{self.prefix}:seeded", f"{self.prefix}:seeding"
+        if await self.r.sismember(seeded, version):
             return 0
+        items = sorted(weights.items())
+        done = int(await self.r.hget(progress, version) or 0)
         now = time.time()
         written = 0
-        items = list(weights.items())
-        for start in range(0, len(items), 1000):
+        for start in range(done, len(items), chunk):
+            batch = items[start : start + chunk]
             async with self.r.pipeline(transaction=False) as p:
-                for user, w in items[start : start + 1000]:
+                for user, w in batch:
                     fit = StoredFit([float(x) for x in w], 0, 0, None, None, "checkpoint", now)
                     p.hsetnx(self._key(user, "w"), version, fit.to_json())
                 written += sum(int(x) for x in await p.execute())
+            await self.r.hset(progress, version, start + len(batch))
+        async with self.r.pipeline(transaction=False) as p:
+            p.sadd(seeded, version)
+            p.hdel(progress, version)
+            await p.execute()
         return written
 
     async def delete_user(self, user: str) -> bool:

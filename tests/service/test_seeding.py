@@ -1,0 +1,102 @@
+"""The checkpoint's seen users: written to Redis before the service reports ready, once per model version,
+and seeding cut short goes on where it stopped instead of leaving users behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from service.store import UserStore
+from tests.service.conftest import running_app
+
+pytestmark = pytest.mark.anyio
+
+VERSION = "pal-seeding-test"
+
+
+def _weights(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {f"seen-{i:03d}": rng.dirichlet(np.ones(3)) for i in range(n)}
+
+
+async def test_interrupted_seeding_resumes_and_keeps_deletions(settings, scorer_b) -> None:
+    weights = _weights(25)
+    async with running_app(settings, scorer_b) as c:
+        store: UserStore = c.app.state.store
+        real_hset, calls = store.r.hset, []
+
+        async def hset_failing_second_time(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:  # chunk 2 is written, its progress record is lost: the worst moment to fail
+                raise RedisConnectionError("connection lost")
+            return await real_hset(*args, **kwargs)
+
+        store.r.hset = hset_failing_second_time
+        with pytest.raises(RedisConnectionError):
+            await store.seed_checkpoint_users(VERSION, weights, chunk=10)
+        store.r.hset = real_hset
+        assert len(await store.get_fits(VERSION, list(weights))) == 20
+
+        # A user of a finished chunk deleted before seeding resumes stays deleted.
+        assert await store.delete_user("seen-003")
+        assert await store.seed_checkpoint_users(VERSION, weights, chunk=10) == 5
+        fits = await store.get_fits(VERSION, list(weights))
+        assert sorted(fits) == sorted(u for u in weights if u != "seen-003")
+        for user, fit in fits.items():
+            assert fit.weights == pytest.approx(weights[user].tolist()) and fit.source == "checkpoint"
+        assert await store.r.hget(f"{settings.redis_prefix}:seeding", VERSION) is None
+
+        # Seeded once: a later start writes nothing, not even users deleted since.
+        assert await store.delete_user("seen-010")
+        assert await store.seed_checkpoint_users(VERSION, weights, chunk=10) == 0
+        assert await store.get_fit(VERSION, "seen-010") is None
+
+
+async def test_not_ready_until_seen_users_are_in_redis(settings, scorer_b, monkeypatch) -> None:
+    seen = scorer_b.seen_users()
+    assert seen, "the test bundle has seen users"
+    real_seed = UserStore.seed_checkpoint_users
+
+    async def slow_seed(self, *args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await real_seed(self, *args, **kwargs)
+
+    monkeypatch.setattr(UserStore, "seed_checkpoint_users", slow_seed)
+    async with running_app(settings, scorer_b, wait_ready=False) as c:
+        not_ready = 0
+        while (h := await c.get("/health")).status_code == 503:
+            not_ready += 1
+            await asyncio.sleep(0.02)
+        assert h.status_code == 200 and not_ready > 0
+        # The first moment it says ready, every seen user already scores with its checkpoint weights.
+        items = [{"prompt": "p", "response": "r", "user_id": u} for u in seen]
+        results = (await c.post("/score", json={"items": items})).json()["results"]
+        assert all(r["personalized"] for r in results)
+        fits = await c.app.state.store.get_fits(scorer_b.meta.version, list(seen))
+        assert sorted(fits) == sorted(seen)
+
+
+async def test_slow_seeding_does_not_hold_start_past_seed_wait(settings, scorer_b, monkeypatch) -> None:
+    settings.seed_wait_s = 0.05
+    real_seed = UserStore.seed_checkpoint_users
+
+    async def slow_seed(self, *args, **kwargs):
+        await asyncio.sleep(1.0)
+        return await real_seed(self, *args, **kwargs)
+
+    monkeypatch.setattr(UserStore, "seed_checkpoint_users", slow_seed)
+    async with running_app(settings, scorer_b, wait_ready=False) as c:
+        for _ in range(200):
+            if (await c.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        pipeline = c.app.state.pipeline
+        assert pipeline.ready and pipeline.migration["state"] == "seeding"  # ready while seeding goes on
+        for _ in range(300):
+            if pipeline.migration["state"] == "done":
+                break
+            await asyncio.sleep(0.02)
+        assert pipeline.migration["state"] == "done" and pipeline.migration["seeded"] == len(scorer_b.seen_users())
