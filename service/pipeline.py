@@ -260,7 +260,7 @@ class Pipeline:
     async def delete_user(self, user: str) -> bool:
         self._weights.pop(user)
         try:
-            existed = await self.store.delete_user(user)
+            existed = await self.store.delete_user(user, tombstone=user in self.seen)
         except RedisError as e:
             self._redis_error("delete_user", e)
             raise StoreUnavailable(str(e)) from e
@@ -284,7 +284,9 @@ class Pipeline:
             if not comparisons:  # deleted meanwhile
                 return None
             feats = await self._features_for(comparisons)
-            prior = self.seen.get(user, self.prior)
+            # A checkpoint user who was deleted starts again from the population, not from their old weights.
+            seen = user in self.seen and not await self.store.is_forgotten(user)
+            prior = self.seen[user] if seen else self.prior
             t0 = time.perf_counter()
             result = await asyncio.to_thread(
                 fit_user, self.scorer.head, feats, prior, self.prior_strength

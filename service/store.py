@@ -6,6 +6,7 @@ Keys, all of one user in one cluster hash slot thanks to the {braces}:
     {prefix}:u:{<user>}:w    hash model_version -> JSON StoredFit
     {prefix}:u:{<user>}:idem:<key>  an applied Idempotency-Key: "<body hash>:<seq after its append>", with a TTL
     {prefix}:u:{<user>}:idem         sorted set of the user's idempotency key names, scored by expiry
+    {prefix}:u:{<user>}:gone  a checkpoint user was deleted: no model version seeds them again
     {prefix}:seeded          set of model versions whose checkpoint users were all written once
     {prefix}:seeding         hash model_version -> checkpoint users (sorted by id) written so far
 
@@ -72,12 +73,21 @@ return {1, seq}
 
 # KEYS: comparisons, seq, weights, the user's index of idempotency keys. The indexed keys are not in KEYS (they are
 # only known here) but share the user's {hash tag}, so this also runs on Redis Cluster.
+# KEYS: comparisons, seq, weights, idempotency key index, tombstone; ARGV[1] == '1': leave the tombstone
 _DELETE_USER = """
 local idem = redis.call('ZRANGE', KEYS[4], 0, -1)
 for i = 1, #idem, 1000 do
   redis.call('DEL', unpack(idem, i, math.min(i + 999, #idem)))
 end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if ARGV[1] == '1' then redis.call('SET', KEYS[5], '1') end
+return n
+"""
+
+# KEYS: weights, tombstone; ARGV: model version, fit. A user deleted (tombstone) is never seeded again.
+_SEED_USER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
@@ -138,6 +148,7 @@ class UserStore:
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
         self._append = client.register_script(_APPEND)
         self._delete_user = client.register_script(_DELETE_USER)
+        self._seed_user = client.register_script(_SEED_USER)
 
     def _key(self, user: str, kind: str) -> str:
         return f"{self.prefix}:u:{{{user}}}:{kind}"
@@ -187,6 +198,10 @@ class UserStore:
             n, seq = await p.execute()
         return int(n), int(seq or 0)
 
+    async def is_forgotten(self, user: str) -> bool:
+        """A checkpoint user was deleted (see delete_user's tombstone)."""
+        return bool(await self.r.exists(self._key(user, "gone")))
+
     async def get_fit(self, version: str, user: str) -> StoredFit | None:
         raw = await self.r.hget(self._key(user, "w"), version)
         return None if raw is None else StoredFit.from_json(raw)
@@ -213,8 +228,8 @@ class UserStore:
         Resumable: the users go in id order, `chunk` per round trip, and the count written so far is recorded
         after each chunk, so seeding cut short (Redis lost, the process killed, start-up gave up waiting) goes on
         where it stopped, and the version counts as seeded only once every user is written. A chunk cut short is
-        written again; HSETNX never overwrites a fit already stored for this version. Returns how many were
-        written by this call.
+        written again; HSETNX never overwrites a fit already stored for this version, and a checkpoint user
+        deleted before (under any version) is skipped. Returns how many were written by this call.
         """
         seeded, progress = f"{self.prefix}:seeded", f"{self.prefix}:seeding"
         if await self.r.sismember(seeded, version):
@@ -228,7 +243,9 @@ class UserStore:
             async with self.r.pipeline(transaction=False) as p:
                 for user, w in batch:
                     fit = StoredFit([float(x) for x in w], 0, 0, None, None, "checkpoint", now)
-                    p.hsetnx(self._key(user, "w"), version, fit.to_json())
+                    await self._seed_user(
+                        keys=[self._key(user, "w"), self._key(user, "gone")], args=[version, fit.to_json()], client=p
+                    )
                 written += sum(int(x) for x in await p.execute())
             await self.r.hset(progress, version, start + len(batch))
         async with self.r.pipeline(transaction=False) as p:
@@ -237,13 +254,16 @@ class UserStore:
             await p.execute()
         return written
 
-    async def delete_user(self, user: str) -> bool:
+    async def delete_user(self, user: str, tombstone: bool = False) -> bool:
         """Forget comparisons, weights of every model version and idempotency keys; True if anything existed.
 
         One script, so an adapt cannot record a key between the reading of the key index and the deletion.
+        `tombstone`: the user is in a checkpoint; leave a mark so that no model version (this one or a later one
+        whose checkpoint still holds them) seeds their weights again. Only the id is kept, which the checkpoint
+        holds anyway; other users leave nothing behind.
         """
-        keys = [self._key(user, kind) for kind in ("c", "seq", "w", "idem")]
-        return int(await self._delete_user(keys=keys, args=[])) > 0
+        keys = [self._key(user, kind) for kind in ("c", "seq", "w", "idem", "gone")]
+        return int(await self._delete_user(keys=keys, args=["1" if tombstone else "0"])) > 0
 
     async def users_with_comparisons(self) -> AsyncIterator[str]:
         head, tail = f"{self.prefix}:u:{{", "}:c"

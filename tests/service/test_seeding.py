@@ -100,3 +100,38 @@ async def test_slow_seeding_does_not_hold_start_past_seed_wait(settings, scorer_
                 break
             await asyncio.sleep(0.02)
         assert pipeline.migration["state"] == "done" and pipeline.migration["seeded"] == len(scorer_b.seen_users())
+
+
+CMPS = [
+    {"prompt": "Which pet?", "chosen": "A calm old cat.", "rejected": "A loud parrot."},
+    {"prompt": "Which drink?", "chosen": "Green tea.", "rejected": "Sugary soda."},
+]
+
+
+async def test_deleted_checkpoint_user_stays_deleted_under_a_new_model_version(settings, scorer_b, scorer_a) -> None:
+    from models.head import fit_user
+
+    seen = sorted(scorer_b.seen_users())
+    victim, kept = seen[0], seen[1]
+    assert victim in scorer_a.seen_users()  # the next model's checkpoint holds the user too
+    async with running_app(settings, scorer_b) as c:
+        assert (await c.delete(f"/users/{victim}")).status_code == 200
+        assert (await c.post("/users/walker/adapt", json={"comparisons": CMPS})).status_code == 200
+        assert (await c.delete("/users/walker")).status_code == 200
+        # Users who are in no checkpoint leave nothing behind, not even their id.
+        assert await c.app.state.store.r.keys("*walker*") == []
+
+    async with running_app(settings, scorer_a) as c:  # a new version seeds its checkpoint users...
+        assert (await c.get(f"/users/{kept}")).json()["source"] == "checkpoint"
+        assert (await c.get(f"/users/{victim}")).status_code == 404  # ...but not the deleted one
+        item = {"prompt": "p", "response": "r", "user_id": victim}
+        assert (await c.post("/score", json={"items": [item]})).json()["results"][0]["personalized"] is False
+
+        # Coming back, the user is fitted from the population prior, not from the weights they asked to forget.
+        fit = (await c.post(f"/users/{victim}/adapt", json={"comparisons": CMPS})).json()
+        pipeline = c.app.state.pipeline
+        feats = scorer_a.features(*([x[k] for x in CMPS] for k in ("prompt", "chosen", "rejected")))
+        expected = fit_user(scorer_a.head, feats, pipeline.prior, pipeline.prior_strength).weights
+        old_prior = fit_user(scorer_a.head, feats, pipeline.seen[victim], pipeline.prior_strength).weights
+        assert np.abs(expected - old_prior).max() > 1e-3  # the test can tell the two apart
+        assert fit["weights"] == pytest.approx(expected.tolist(), abs=1e-6)
