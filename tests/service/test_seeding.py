@@ -22,6 +22,16 @@ def _weights(n: int) -> dict[str, np.ndarray]:
     return {f"seen-{i:03d}": rng.dirichlet(np.ones(3)) for i in range(n)}
 
 
+def _slow_seeding(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
+    real_seed = UserStore.seed_checkpoint_users
+
+    async def slow_seed(self, *args, **kwargs):
+        await asyncio.sleep(delay_s)
+        return await real_seed(self, *args, **kwargs)
+
+    monkeypatch.setattr(UserStore, "seed_checkpoint_users", slow_seed)
+
+
 async def test_interrupted_seeding_resumes_and_keeps_deletions(settings, scorer_b) -> None:
     weights = _weights(25)
     async with running_app(settings, scorer_b) as c:
@@ -58,13 +68,7 @@ async def test_interrupted_seeding_resumes_and_keeps_deletions(settings, scorer_
 async def test_not_ready_until_seen_users_are_in_redis(settings, scorer_b, monkeypatch) -> None:
     seen = scorer_b.seen_users()
     assert seen, "the test bundle has seen users"
-    real_seed = UserStore.seed_checkpoint_users
-
-    async def slow_seed(self, *args, **kwargs):
-        await asyncio.sleep(0.5)
-        return await real_seed(self, *args, **kwargs)
-
-    monkeypatch.setattr(UserStore, "seed_checkpoint_users", slow_seed)
+    _slow_seeding(monkeypatch, 0.5)
     async with running_app(settings, scorer_b, wait_ready=False) as c:
         not_ready = 0
         while (h := await c.get("/health")).status_code == 503:
@@ -81,13 +85,7 @@ async def test_not_ready_until_seen_users_are_in_redis(settings, scorer_b, monke
 
 async def test_slow_seeding_does_not_hold_start_past_seed_wait(settings, scorer_b, monkeypatch) -> None:
     settings.seed_wait_s = 0.05
-    real_seed = UserStore.seed_checkpoint_users
-
-    async def slow_seed(self, *args, **kwargs):
-        await asyncio.sleep(1.0)
-        return await real_seed(self, *args, **kwargs)
-
-    monkeypatch.setattr(UserStore, "seed_checkpoint_users", slow_seed)
+    _slow_seeding(monkeypatch, 1.0)
     async with running_app(settings, scorer_b, wait_ready=False) as c:
         for _ in range(200):
             if (await c.get("/health")).status_code == 200:
