@@ -39,6 +39,11 @@ class LRUCache(Generic[V]):
             while len(self._data) > self.capacity:
                 self._data.popitem(last=False)
 
+    def pop(self, key: Hashable) -> bool:
+        """Drop the entry; True if it was there."""
+        with self._lock:
+            return self._data.pop(key, None) is not None
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

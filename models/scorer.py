@@ -202,6 +202,18 @@ class Scorer:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    def forget(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        """Drop the cached encodings encode() keeps for these (prompt, response) pairs (a deleted user's texts);
+        returns how many entries were dropped."""
+        prompts, responses = _clean(prompts), _clean(responses)
+        version = self.meta.version
+        if self.meta.pal.form == "B":
+            keys = [(version, _digest(p), "prompt") for p in prompts]
+            keys += [(version, _digest(r), "response") for r in responses]
+        else:
+            keys = [(version, _digest(pair_text(p, r)), "pair") for p, r in zip(prompts, responses, strict=True)]
+        return sum(self._cache.pop(key) for key in keys)
+
     def warmup(self) -> None:
         """Run the graph at a few shapes (short, mid, full length) so the first request pays no allocation cost."""
         max_len = self.meta.encoder.max_length

@@ -57,6 +57,20 @@ def test_cache_is_lru_and_bounded(bundles: dict[str, Path]) -> None:
     assert scorer.cache_stats()["hits"] == 1
 
 
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_forget_drops_exactly_those_pairs(form: str, bundles: dict[str, Path]) -> None:
+    scorer = Scorer.load(bundles[form], provider="cpu", intra_op_threads=1)
+    scorer.encode(PROMPTS, RESPONSES)
+    size = scorer.cache_stats()["size"]
+    # PAL-B caches a prompt and a response entry per pair, PAL-A one entry per joined pair.
+    assert scorer.forget([PROMPTS[0]], [RESPONSES[0]]) == (2 if form == "B" else 1)
+    assert scorer.forget([PROMPTS[0]], [RESPONSES[0]]) == 0
+    assert scorer.cache_stats()["size"] == size - (2 if form == "B" else 1)
+    misses = scorer.cache_stats()["misses"]
+    scorer.encode(PROMPTS, RESPONSES)  # only the forgotten entries are encoded again
+    assert scorer.cache_stats()["misses"] - misses == (2 if form == "B" else 1)
+
+
 @pytest.mark.parametrize(("budget", "tolerance"), [(32, None), (100, None), (300, None), (16384, 0), (16384, 8)])
 def test_results_do_not_depend_on_the_token_budget(
     budget: int, tolerance: int | None, bundles: dict[str, Path], scorers

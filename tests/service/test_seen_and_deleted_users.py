@@ -1,9 +1,11 @@
-"""The checkpoint's seen users: written to Redis before the service reports ready, once per model version,
-and seeding cut short goes on where it stopped instead of leaving users behind."""
+"""The checkpoint's seen users are written to Redis before the service reports ready, once per model version,
+and seeding cut short goes on where it stopped; a deleted user stays deleted under later model versions, and
+this process's caches drop what they derived from the user's comparisons."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import numpy as np
 import pytest
@@ -133,3 +135,21 @@ async def test_deleted_checkpoint_user_stays_deleted_under_a_new_model_version(s
         old_prior = fit_user(scorer_a.head, feats, pipeline.seen[victim], pipeline.prior_strength).weights
         assert np.abs(expected - old_prior).max() > 1e-3  # the test can tell the two apart
         assert fit["weights"] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+async def test_delete_drops_what_this_process_derived_from_the_users_comparisons(settings, scorer_b) -> None:
+    tag = uuid.uuid4().hex  # texts no other test has encoded
+    cmps = [
+        {"prompt": f"{tag} question {i}", "chosen": f"{tag} good answer {i}", "rejected": f"{tag} bad answer {i}"}
+        for i in range(2)
+    ]
+    async with running_app(settings, scorer_b) as c:
+        pipeline = c.app.state.pipeline
+        assert (await c.post("/users/forgetful/adapt", json={"comparisons": cmps})).status_code == 200
+        assert (await c.delete("/users/forgetful")).status_code == 200
+        before = pipeline.cache_stats()
+        assert (await c.post("/users/forgetful/adapt", json={"comparisons": cmps})).status_code == 200
+        after = pipeline.cache_stats()
+        # Nothing of the first adapt was left to reuse: both comparisons and their 6 texts were encoded again.
+        assert after["features_misses"] - before["features_misses"] == 2
+        assert after["encoder_misses"] - before["encoder_misses"] == 6
