@@ -1,4 +1,4 @@
-"""A small thread-safe LRU cache with hit/miss counters (encoder outputs in the scorer)."""
+"""A small thread-safe LRU cache with hit/miss counters (the scorer's encodings, the service's weights and features)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ class LRUCache(Generic[V]):
         """Drop the entry; True if it was there."""
         with self._lock:
             return self._data.pop(key, None) is not None
+
+    def values(self) -> list[V]:
+        """A snapshot of the cached values, least recently used first."""
+        with self._lock:
+            return list(self._data.values())
 
     def clear(self) -> None:
         with self._lock:

@@ -10,14 +10,13 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from redis.exceptions import RedisError
 
+from models.cache import LRUCache
 from models.chat import ChatRenderer
 from models.head import ComparisonFeatures, fit_user
 from service.batcher import Batcher
@@ -71,34 +70,8 @@ class UserView:
     n_comparisons: int
 
 
-class LRU:
-    """A bounded mapping with hit/miss counters (size 0 disables it)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict[Hashable, Any] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Hashable) -> Any:
-        value = self._d.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._d.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        if self.size <= 0:
-            return
-        self._d[key] = value
-        self._d.move_to_end(key)
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
-
-    def pop(self, key: Hashable) -> None:
-        self._d.pop(key, None)
+# One encoded comparison: chosen latent, rejected latent, the prompt's prototype points (PAL-B; None for PAL-A).
+_FeatureRow = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 def _stale(fit: StoredFit | None, seq: int) -> bool:
@@ -137,9 +110,9 @@ class Pipeline:
             observe_batch=metrics.observe_batch if metrics else None,
         )
         # Weights last read from or written to Redis: keeps users personalized while Redis is unreachable.
-        self._weights = LRU(settings.weights_cache_size)
+        self._weights: LRUCache[tuple[float, np.ndarray]] = LRUCache(settings.weights_cache_size)
         # Encoded comparisons by content hash (this pipeline serves one model version), so refits re-encode nothing.
-        self._features = LRU(settings.feature_cache_size)
+        self._features: LRUCache[_FeatureRow] = LRUCache(settings.feature_cache_size)
         self._locks = [asyncio.Lock() for _ in range(_N_USER_LOCKS)]
         # After a failed read, scoring skips Redis until then (a circuit breaker), so an unreachable server costs
         # one timeout per `retry_after_s`, not one per request.
