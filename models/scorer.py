@@ -139,14 +139,12 @@ class Scorer:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         n = len(prompts)
-        prompts, responses = _clean(prompts), _clean(responses)
+        entries = self._lookup(self._requests(prompts, responses))
         if self.meta.pal.form == "B":
-            entries = self._lookup([(p, "prompt") for p in prompts] + [(r, "response") for r in responses])
             latent = _stack([e.value for e in entries[n:]], (0, self.meta.pal.latent_dim))
             protos = _stack([e.value for e in entries[:n]], (0, self.meta.pal.k, self.meta.pal.latent_dim))
             truncated = np.array([a.truncated or b.truncated for a, b in zip(entries[:n], entries[n:], strict=True)])
             return EncodedItems(latent, protos, truncated.astype(bool).reshape(n))
-        entries = self._lookup([(pair_text(p, r), "pair") for p, r in zip(prompts, responses, strict=True)])
         latent = _stack([e.value for e in entries], (0, self.meta.pal.latent_dim))
         return EncodedItems(latent, None, np.array([e.truncated for e in entries], dtype=bool).reshape(n))
 
@@ -205,14 +203,8 @@ class Scorer:
     def forget(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
         """Drop the cached encodings encode() keeps for these (prompt, response) pairs (a deleted user's texts);
         returns how many entries were dropped."""
-        prompts, responses = _clean(prompts), _clean(responses)
-        version = self.meta.version
-        if self.meta.pal.form == "B":
-            keys = [(version, _digest(p), "prompt") for p in prompts]
-            keys += [(version, _digest(r), "response") for r in responses]
-        else:
-            keys = [(version, _digest(pair_text(p, r)), "pair") for p, r in zip(prompts, responses, strict=True)]
-        return sum(self._cache.pop(key) for key in keys)
+        requests = self._requests(prompts, responses)
+        return sum(self._cache.pop(self._cache_key(_digest(text), role)) for text, role in requests)
 
     def warmup(self) -> None:
         """Run the graph at a few shapes (short, mid, full length) so the first request pays no allocation cost."""
@@ -223,10 +215,20 @@ class Scorer:
 
     # ---------------------------------------------------------------- internals
 
+    def _requests(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[str, str]]:
+        """The (text, role) pairs the graph encodes for these items: PAL-B all prompts then all responses, PAL-A
+        one joined text per item."""
+        prompts, responses = _clean(prompts), _clean(responses)
+        if self.meta.pal.form == "B":
+            return [(p, "prompt") for p in prompts] + [(r, "response") for r in responses]
+        return [(pair_text(p, r), "pair") for p, r in zip(prompts, responses, strict=True)]
+
+    def _cache_key(self, digest: bytes, role: str) -> tuple[str, bytes, str]:
+        return (self.meta.version, digest, role)
+
     def _lookup(self, requests: list[tuple[str, str]]) -> list[_Entry]:
         """Entries for (text, role) requests: cache hits, then one batched encoder pass over the distinct misses."""
-        version = self.meta.version
-        keys = [(version, _digest(text), role) for text, role in requests]
+        keys = [self._cache_key(_digest(text), role) for text, role in requests]
         found: dict[tuple[str, bytes, str], _Entry] = {}
         missing: dict[bytes, tuple[str, set[str]]] = {}  # digest -> (text, roles needed)
         for key, (text, role) in zip(keys, requests, strict=True):
@@ -246,9 +248,9 @@ class Scorer:
                 for role in missing[digest][1]:
                     # Copy the row so a cached entry does not keep its whole batch array alive.
                     value = np.array(outputs[1][i] if role == "prompt" else outputs[0][i])
-                    entry = _Entry(value, bool(truncated[i]))
-                    found[(version, digest, role)] = entry
-                    self._cache.put((version, digest, role), entry)
+                    key = self._cache_key(digest, role)
+                    found[key] = entry = _Entry(value, bool(truncated[i]))
+                    self._cache.put(key, entry)
         return [found[key] for key in keys]
 
     def _encode_texts(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
