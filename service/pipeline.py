@@ -233,20 +233,22 @@ class Pipeline:
     async def delete_user(self, user: str) -> bool:
         self._weights.pop(user)
         try:
-            comparisons, _ = await self.store.read_comparisons(user)
-            existed = await self.store.delete_user(user, tombstone=user in self.seen)
+            deleted = await self.store.delete_user(user, tombstone=user in self.seen)
         except RedisError as e:
             self._redis_error("delete_user", e)
             raise StoreUnavailable(str(e)) from e
         self._weights.pop(user)
+        if deleted is None:
+            return False
         # What this process derived from the user's comparisons goes too (other replicas' caches keep theirs).
+        comparisons = deleted.comparisons
         for c in comparisons:
             self._features.pop(_comparison_key(c))
         if comparisons:
             prompts = [c.prompt for c in comparisons]
             texts = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
             await asyncio.to_thread(self.scorer.forget, prompts + prompts, texts)  # hashing: off the event loop
-        return existed
+        return True
 
     def _lock(self, user: str) -> asyncio.Lock:
         return self._locks[int(hashlib.blake2b(user.encode(), digest_size=4).hexdigest(), 16) % _N_USER_LOCKS]

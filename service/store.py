@@ -71,17 +71,18 @@ end
 return {1, seq}
 """
 
-# KEYS: comparisons, seq, weights, the user's index of idempotency keys. The indexed keys are not in KEYS (they are
-# only known here) but share the user's {hash tag}, so this also runs on Redis Cluster.
-# KEYS: comparisons, seq, weights, idempotency key index, tombstone; ARGV[1] == '1': leave the tombstone
+# KEYS: comparisons, seq, weights, the user's index of idempotency keys, tombstone; ARGV[1] == '1': leave the
+# tombstone. The indexed keys are not in KEYS (they are only known here) but share the user's {hash tag}, so this
+# also runs on Redis Cluster. Returns {keys deleted, the comparisons that were stored}.
 _DELETE_USER = """
+local comparisons = redis.call('LRANGE', KEYS[1], 0, -1)
 local idem = redis.call('ZRANGE', KEYS[4], 0, -1)
 for i = 1, #idem, 1000 do
   redis.call('DEL', unpack(idem, i, math.min(i + 999, #idem)))
 end
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 if ARGV[1] == '1' then redis.call('SET', KEYS[5], '1') end
-return n
+return {n, comparisons}
 """
 
 # KEYS: weights, tombstone; ARGV: model version, fit. A user deleted (tombstone) is never seeded again.
@@ -99,6 +100,11 @@ class IdempotencyKeyReused(Exception):
 class Appended:
     seq: int  # the user's append counter right after this request's comparisons (the first request's, on a replay)
     replayed: bool  # the idempotency key was already applied: nothing was appended
+
+
+@dataclass(frozen=True)
+class Deleted:
+    comparisons: list[Comparison]  # what the user had stored (empty for a checkpoint user who never adapted)
 
 
 @dataclass(frozen=True)
@@ -254,8 +260,9 @@ class UserStore:
             await p.execute()
         return written
 
-    async def delete_user(self, user: str, tombstone: bool = False) -> bool:
-        """Forget comparisons, weights of every model version and idempotency keys; True if anything existed.
+    async def delete_user(self, user: str, tombstone: bool = False) -> Deleted | None:
+        """Forget comparisons, weights of every model version and idempotency keys; None if nothing existed, else
+        the comparisons that were deleted (so the caller can drop what it derived from them).
 
         One script, so an adapt cannot record a key between the reading of the key index and the deletion.
         `tombstone`: the user is in a checkpoint; leave a mark so that no model version (this one or a later one
@@ -263,7 +270,8 @@ class UserStore:
         holds anyway; other users leave nothing behind.
         """
         keys = [self._key(user, kind) for kind in ("c", "seq", "w", "idem", "gone")]
-        return int(await self._delete_user(keys=keys, args=["1" if tombstone else "0"])) > 0
+        n, raw = await self._delete_user(keys=keys, args=["1" if tombstone else "0"])
+        return Deleted([Comparison.from_json(x) for x in raw]) if int(n) > 0 else None
 
     async def users_with_comparisons(self) -> AsyncIterator[str]:
         head, tail = f"{self.prefix}:u:{{", "}:c"
