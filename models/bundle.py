@@ -4,6 +4,8 @@
                        names, the transformer fusions found in the graph, chat template, opset, creation time
     model.onnx         fp32 graph: token ids + mask -> encoder -> pooling -> PAL head outputs
     model.fp16.onnx    optional fp16 graph (fp32 inputs/outputs) for GPU serving
+    model.portable.onnx  the same fp32 graph before onnxruntime's fusions (standard ONNX ops only), for the
+                       OpenVINO provider, which cannot run the fused com.microsoft operators
     head.safetensors   the checkpoint's head parameters (models.head.HeadParams: fitting, PAL-A ideal points)
     users.safetensors  {"logits": (n_users, K)} seen users' simplex logits
     users.json         seen user ids, row order of the logits
@@ -27,6 +29,7 @@ FORMAT = "pal-rm-bundle/1"
 CONFIG_FILE = "config.json"
 GRAPH_FP32 = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"
+GRAPH_PORTABLE = "model.portable.onnx"
 HEAD_FILE = "head.safetensors"
 USERS_FILE = "users.safetensors"
 USER_IDS_FILE = "users.json"

@@ -9,6 +9,8 @@ sorted by length and cut into batches by a padded-token budget, so short texts a
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import threading
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
 from tokenizers import Tokenizer
 
 from models import bundle as B
@@ -29,18 +32,23 @@ from models.head import ComparisonFeatures, HeadParams, prototype_rewards, rewar
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
 CPU = "CPUExecutionProvider"
-PROVIDERS = ("auto", "cuda", "cpu")
+PROVIDERS = ("auto", "cuda", "openvino", "cpu")
+# fp32 everywhere; fp16: the bundle's fp16 graph (meant for CUDA); bf16: OpenVINO on a CPU with bf16 units (AMX,
+# AVX512-BF16), which keeps fp32 accumulation and moved rewards by ~1% of their spread (docs/SCORER.md).
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 # Padded tokens per encoder batch when the caller sets none. On CPU, batches that keep the activations in cache
 # win (bench: 1024 tokens ran 1.4x faster than 16384 on 2 cores); a GPU wants big batches to fill its SMs.
-DEFAULT_BATCH_TOKENS: dict[str, int] = {CUDA: 16384, CPU: 1024}
+# OpenVINO's bf16 kernels (AMX tiles) gained ~10% from 1024 to 2048 tokens; its fp32 ones are flat from 1024 to 4096.
+DEFAULT_BATCH_TOKENS: dict[str, int] = {CUDA: 16384, OPENVINO: 2048, CPU: 1024}
 
 # A batch's rows are padded to its longest; a row that would get more padding than this starts a new batch. On CPU
 # a run costs a fixed ~1.5 ms (about 8 tokens' worth, 1 thread) and every padded token costs as much as a real one,
 # so mixing lengths loses. On a GPU padding is nearly free next to a kernel launch: no limit.
-DEFAULT_PAD_TOLERANCE: dict[str, int | None] = {CUDA: None, CPU: 8}
+DEFAULT_PAD_TOLERANCE: dict[str, int | None] = {CUDA: None, OPENVINO: 8, CPU: 8}
 
 
 class ProviderError(RuntimeError):
@@ -77,8 +85,10 @@ class Scorer:
         max_batch_tokens: int | None,
         cache_size: int,
         pad_tolerance: int | None = -1,
+        precision: str = "fp32",
     ) -> None:
         self.meta = meta
+        self.precision = precision
         self.head = head
         self.provider: str = session.get_providers()[0]
         self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS.get(self.provider, DEFAULT_BATCH_TOKENS[CPU])
@@ -101,17 +111,23 @@ class Scorer:
         cls,
         bundle_dir: str | Path,
         provider: str = "auto",
-        fp16: bool = False,
+        precision: str = "fp32",
         intra_op_threads: int = 0,
         spinning: bool = False,
         max_batch_tokens: int | None = None,
         cache_size: int = 65536,
         pad_tolerance: int | None = -1,
     ) -> Scorer:
-        """Load and validate a bundle; BundleError says what is wrong with it, ProviderError about the device."""
+        """Load and validate a bundle; BundleError says what is wrong with it, ProviderError about the device.
+
+        provider: `cuda` (CUDAExecutionProvider or ProviderError), `openvino` (the onnxruntime-ep-openvino plugin
+        running the bundle's portable graph, every node of it, or ProviderError), `cpu`, or `auto`: CUDA if this
+        onnxruntime build has it, else OpenVINO if the plugin is installed, else CPU."""
         directory = Path(bundle_dir)
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if (max_batch_tokens is not None and max_batch_tokens < 1) or cache_size < 0:
             raise ValueError("need max_batch_tokens >= 1 and cache_size >= 0")
         if pad_tolerance is not None and pad_tolerance < -1:
@@ -120,11 +136,25 @@ class Scorer:
         head = B.read_head(directory, meta)
         users = B.read_users(directory, meta)
         tokenizer, pad_id = _load_tokenizer(directory, meta)
-        graph = meta.graphs.get("fp16" if fp16 else "fp32")
-        if graph is None:
-            raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
-        session = _session(directory / graph, provider, intra_op_threads, spinning)
-        scorer = cls(meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size, pad_tolerance)
+        requested, provider = provider, _resolve_provider(provider, precision, meta)
+        if provider == "openvino":
+            graph = meta.graphs.get("portable")
+            if graph is None:
+                raise BundleError(
+                    f"bundle {directory} has no portable graph for the OpenVINO provider; re-export it with "
+                    "`pal export` (bundles from before this provider lack it)"
+                )
+            session = _openvino_session(directory / graph, precision, intra_op_threads)
+        else:
+            if precision == "bf16":
+                raise ProviderError("precision 'bf16' runs on the OpenVINO provider only (provider='openvino')")
+            graph = meta.graphs.get(precision)
+            if graph is None:
+                raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
+            session = _session(directory / graph, provider, intra_op_threads, spinning, strict=requested != "auto")
+        scorer = cls(
+            meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size, pad_tolerance, precision
+        )
         scorer._probe()
         return scorer
 
@@ -319,14 +349,30 @@ def _token_budget_batches(
     return batches
 
 
-def _session(path: Path, provider: str, intra_op_threads: int, spinning: bool = False) -> ort.InferenceSession:
+def _resolve_provider(provider: str, precision: str, meta: BundleMeta) -> str:
+    """`auto` made concrete: CUDA if this build has it (and the precision is one CUDA runs), else OpenVINO where its
+    plugin is installed and the bundle has a portable graph (fp32 or bf16), else CPU."""
+    if provider != "auto":
+        return provider
+    if precision != "bf16" and CUDA in ort.get_available_providers():
+        return "cuda"
+    if precision != "fp16" and "portable" in meta.graphs and importlib.util.find_spec(_OPENVINO_PLUGIN) is not None:
+        return "openvino"
+    return "cpu"
+
+
+def _session(
+    path: Path, provider: str, intra_op_threads: int, spinning: bool = False, strict: bool = True
+) -> ort.InferenceSession:
+    """A CUDA or CPU provider session. Not strict (provider `auto`): CUDA that does not activate logs a warning
+    and serves on CPU; strict: ProviderError."""
     available = ort.get_available_providers()
     if provider == "cuda" and CUDA not in available:
         raise ProviderError(
             f"provider='cuda' requested but this onnxruntime build has no {CUDA} (available: {available}); "
             "install onnxruntime-gpu matching the CUDA runtime, or set the provider to 'cpu'"
         )
-    providers = [CUDA, CPU] if provider in ("cuda", "auto") and CUDA in available else [CPU]
+    providers = [CUDA, CPU] if provider == "cuda" else [CPU]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -347,10 +393,65 @@ def _session(path: Path, provider: str, intra_op_threads: int, spinning: bool = 
     active = session.get_providers()[0]
     if provider == "cuda" and active != CUDA:
         # onnxruntime falls back to CPU with only a log line when CUDA/cuDNN libraries are missing.
-        raise ProviderError(f"provider='cuda' requested but onnxruntime activated {session.get_providers()}")
-    if provider == "auto" and CUDA in providers and active != CUDA:
+        if strict:
+            raise ProviderError(f"provider='cuda' requested but onnxruntime activated {session.get_providers()}")
         log.warning("CUDA provider not usable, serving on %s", active)
     return session
+
+
+_OPENVINO_PLUGIN = "onnxruntime_ep_openvino"
+
+
+def _openvino_session(path: Path, precision: str, threads: int) -> ort.InferenceSession:
+    """A session whose every node runs in OpenVINO on the CPU, at the given inference precision."""
+    if precision == "fp16":
+        raise ProviderError("precision 'fp16' is for CUDA; on the OpenVINO provider use 'bf16' or 'fp32'")
+    if not path.is_file():
+        raise BundleError(f"bundle {path.parent} has no {path.name}")
+    device = openvino_cpu_device()
+    capabilities = device.ep_metadata.get("OPTIMIZATION_CAPABILITIES", "").split()
+    if precision == "bf16" and "BF16" not in capabilities:
+        raise ProviderError(
+            f"precision 'bf16' needs a CPU with bf16 units (AMX or AVX512-BF16); OpenVINO reports {capabilities}"
+        )
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    opts = ort.SessionOptions()
+    # A node OpenVINO cannot run would otherwise go to the CPU provider with only a log line; refuse instead.
+    opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    opts.add_provider_for_devices([device], {"load_config": json.dumps({"CPU": config})})
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts)
+    except (InvalidProtobuf, InvalidGraph) as e:
+        raise BundleError(f"{path} is not a loadable ONNX graph: {e}") from e
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ProviderError(f"could not start {OPENVINO} for {path}: {e}") from e
+    if session.get_providers()[0] != OPENVINO:
+        raise ProviderError(f"provider='openvino' requested but onnxruntime activated {session.get_providers()}")
+    return session
+
+
+def openvino_cpu_device() -> ort.OrtEpDevice:
+    """OpenVINO's CPU device, registering the plugin library with onnxruntime on first use (once per process:
+    registering it again under another name would list every device twice)."""
+    try:
+        plugin = importlib.import_module(_OPENVINO_PLUGIN)
+    except ImportError as e:
+        raise ProviderError(
+            f"provider='openvino' needs the onnxruntime-ep-openvino package ({e}); it installs with pal-rm[serve] "
+            "on Linux x86_64, or set the provider to 'cpu'"
+        ) from e
+    name = plugin.get_ep_name()
+    if not any(d.ep_name == name for d in ort.get_ep_devices()):
+        try:
+            ort.register_execution_provider_library("openvino", plugin.get_library_path())
+        except Exception as e:  # another thread registered it first: the devices below are then listed
+            log.debug("OpenVINO plugin registration: %s", e)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == name and d.ep_metadata.get("ov_device") == "CPU"]
+    if not devices:
+        raise ProviderError(f"the OpenVINO plugin lists no CPU device (devices: {ort.get_ep_devices()})")
+    return devices[0]
 
 
 def _load_tokenizer(directory: Path, meta: BundleMeta) -> tuple[Tokenizer, int]:

@@ -41,7 +41,7 @@ def load_scorer(settings: Settings) -> Scorer:
     return Scorer.load(
         settings.bundle_dir,
         provider=settings.provider,
-        fp16=settings.fp16,
+        precision=settings.precision,
         intra_op_threads=settings.intra_op_threads,
         spinning=settings.intra_op_spinning,
         max_batch_tokens=settings.max_batch_tokens,
@@ -110,7 +110,9 @@ async def _start(app: FastAPI, settings: Settings, store: UserStore, scorer: Sco
         pipeline.start()
         app.state.pipeline = pipeline
         app.state.metrics.ready.set(1)
-        log.info("model %s ready on %s (K=%d)", scorer.meta.version, scorer.provider, scorer.meta.pal.k)
+        log.info(
+            "model %s ready on %s, %s (K=%d)", scorer.meta.version, scorer.provider, scorer.precision, scorer.meta.pal.k
+        )
     except Exception as e:
         log.exception("loading the model failed")
         app.state.load_error = f"{type(e).__name__}: {e}"
@@ -235,6 +237,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             k=meta.pal.k,
             encoder=meta.encoder.model_dump(),
             provider=pipeline.scorer.provider,
+            precision=pipeline.scorer.precision,
             limits={
                 "max_items_per_request": s.max_items_per_request,
                 "max_text_chars": s.max_text_chars,

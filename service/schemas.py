@@ -107,6 +107,7 @@ class Info(BaseModel):
     k: int
     encoder: dict
     provider: str
+    precision: str
     limits: dict[str, int | float]
     seen_users: int
     user_state: dict[str, int | str] = Field(description="start-up seeding of checkpoint users and refits")

@@ -31,8 +31,9 @@ def test_bundle_config_reports_fusions_and_version(bundles: dict[str, Path]) -> 
         assert meta.chat_template is None  # MiniLM's tokenizer has none
         assert meta.output_names == (["latent", "prompt_prototypes"] if form == "B" else ["latent"])
         assert (path / B.TOKENIZER_DIR / B.TOKENIZER_FILE).is_file()
-        assert meta.export_max_abs_diff["fp32"] < 1e-4
-    assert set(B.read_meta(bundles["B"]).graphs) == {"fp32", "fp16"}
+        assert meta.export_max_abs_diff["fp32"] < 1e-4 and meta.export_max_abs_diff["portable"] < 1e-4
+        assert (path / B.GRAPH_PORTABLE).is_file()
+    assert set(B.read_meta(bundles["B"]).graphs) == {"fp32", "fp16", "portable"}
 
 
 def test_cuda_requested_without_cuda_fails_loudly(bundles: dict[str, Path]) -> None:
@@ -42,9 +43,10 @@ def test_cuda_requested_without_cuda_fails_loudly(bundles: dict[str, Path]) -> N
         pytest.skip("this machine has a CUDA onnxruntime")
     with pytest.raises(ProviderError, match="cuda"):
         Scorer.load(bundles["B"], provider="cuda")
-    assert Scorer.load(bundles["A"], provider="auto").provider == "CPUExecutionProvider"
     with pytest.raises(ValueError, match="provider"):
         Scorer.load(bundles["A"], provider="tpu")
+    with pytest.raises(ValueError, match="precision"):
+        Scorer.load(bundles["A"], provider="cpu", precision="int8")
 
 
 @pytest.mark.parametrize(
@@ -101,7 +103,9 @@ def test_wrong_shapes_and_bad_config_are_clear_errors(bundles: dict[str, Path], 
         Scorer.load(bundle, provider="cpu")
 
     with pytest.raises(BundleError, match="fp16"):
-        Scorer.load(bundles["A"], provider="cpu", fp16=True)
+        Scorer.load(bundles["A"], provider="cpu", precision="fp16")
+    with pytest.raises(ProviderError, match="OpenVINO"):
+        Scorer.load(bundles["A"], provider="cpu", precision="bf16")
 
 
 def test_table_encoder_checkpoint_cannot_be_exported(bundles: dict[str, Path], tmp_path: Path) -> None:
@@ -130,15 +134,38 @@ def test_export_refuses_to_overwrite_a_non_bundle(bundles: dict[str, Path], tmp_
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
-def test_scorer_imports_no_torch(bundles: dict[str, Path]) -> None:
+@pytest.mark.parametrize("provider", ["cpu", "auto"])
+def test_scorer_imports_no_torch(provider: str, bundles: dict[str, Path]) -> None:
     code = (
         "import sys\n"
         "from models.scorer import Scorer\n"
-        f"s = Scorer.load({str(bundles['B'])!r}, provider='cpu', intra_op_threads=1)\n"
+        f"s = Scorer.load({str(bundles['B'])!r}, provider={provider!r}, intra_op_threads=1)\n"
         "s.rewards(s.encode(['p'], ['r']), s.meta.prior_weights)\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+def test_openvino_without_its_plugin_fails_loudly_and_auto_serves_on_cpu(bundles: dict[str, Path]) -> None:
+    # A separate interpreter where the plugin package cannot be imported (as on a host without it).
+    code = (
+        "import sys\n"
+        "sys.modules['onnxruntime_ep_openvino'] = None\n"
+        "import importlib.util\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'onnxruntime_ep_openvino' else _find(name, *a)\n"
+        "from models.scorer import ProviderError, Scorer\n"
+        f"bundle = {str(bundles['B'])!r}\n"
+        "assert Scorer.load(bundle, provider='auto', intra_op_threads=1).provider == 'CPUExecutionProvider'\n"
+        "try:\n"
+        "    Scorer.load(bundle, provider='openvino')\n"
+        "except ProviderError as e:\n"
+        "    assert 'onnxruntime-ep-openvino' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('openvino loaded without its plugin')\n"
+    )
+    code = "import importlib.util\n_find = importlib.util.find_spec\n" + code
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
 

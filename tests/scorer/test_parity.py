@@ -114,7 +114,7 @@ def test_left_truncation_keeps_the_end(scorers: dict[str, Scorer]) -> None:
 
 
 def test_fp16_graph_is_close_to_fp32(bundles: dict[str, Path], scorers: dict[str, Scorer]) -> None:
-    fp16 = Scorer.load(bundles["B"], provider="cpu", fp16=True, intra_op_threads=1)
+    fp16 = Scorer.load(bundles["B"], provider="cpu", precision="fp16", intra_op_threads=1)
     w = np.full(fp16.meta.pal.k, 1 / fp16.meta.pal.k)
     r16 = fp16.rewards(fp16.encode(PROMPTS, RESPONSES), w)
     r32 = scorers["B"].rewards(scorers["B"].encode(PROMPTS, RESPONSES), w)
