@@ -8,7 +8,8 @@ image's Python environment is not what its Dockerfile promises.
   run time and the scorer refuses to start with PAL_PROVIDER=cuda;
 - torch absent from the scorer images (the serving path must not need it), or present at the pinned version in
   the training image;
-- the given modules import, and importing them pulls in no torch when torch must be absent.
+- the given modules import, and importing them pulls in no torch when torch must be absent;
+- with --openvino: the OpenVINO plugin registers with onnxruntime and lists a CPU device (PAL_PROVIDER=openvino).
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ def check_imports(modules: list[str], torch_allowed: bool) -> list[str]:
     return problems
 
 
+def check_openvino() -> list[str]:
+    try:
+        from models.scorer import openvino_cpu_device
+
+        openvino_cpu_device()
+    except Exception as e:  # any failure here means the provider cannot start in this image
+        return [f"the OpenVINO provider does not load: {type(e).__name__}: {e}"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="check an image's Python environment")
     parser.add_argument("--onnxruntime", choices=ORT_DISTRIBUTIONS, required=True)
@@ -83,11 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.add_argument("--no-torch", action="store_true")
     torch.add_argument("--torch", metavar="VERSION", help="the pinned torch version (local label ignored)")
     parser.add_argument("--import", dest="modules", action="append", default=[], help="module that must import")
+    parser.add_argument("--openvino", action="store_true", help="the OpenVINO provider must load")
     args = parser.parse_args(argv)
 
     problems = check_onnxruntime(args.onnxruntime, os.environ.get("CUDA_VERSION"))
     problems += check_torch(None if args.no_torch else args.torch)
     problems += check_imports(args.modules, torch_allowed=not args.no_torch)
+    if args.openvino:
+        problems += check_openvino()
     for problem in problems:
         print(f"image check: {problem}", file=sys.stderr)
     if not problems:

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# pal-rm CPU scorer: `pal serve` on the CPU onnxruntime. No torch: the serving path never imports it.
+# pal-rm CPU scorer: `pal serve` on onnxruntime with the OpenVINO provider plugin. No torch: the serving path never
+# imports it.
 #
 #   docker build -f docker/scorer-cpu.Dockerfile -t pal-rm/scorer-cpu:0.1.0 .
 #
@@ -15,18 +16,20 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/pyproject_deps.py docker/image_check.py ./docker/
-# Dependencies in their own layer (cached across code changes); the CPU onnxruntime comes from the `serve` extra.
+# Dependencies in their own layer (cached across code changes); onnxruntime and its OpenVINO plugin come from the
+# `serve` extra.
 RUN python docker/pyproject_deps.py serve > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY models ./models
 COPY service ./service
 COPY training ./training
 RUN pip install --no-cache-dir --no-deps . \
- && python docker/image_check.py --onnxruntime onnxruntime --no-torch --import service.server --import models.scorer
+ && python docker/image_check.py --onnxruntime onnxruntime --no-torch --import service.server --import models.scorer \
+      --openvino
 
 FROM python:3.11-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="pal-rm scorer (CPU)" \
-      org.opencontainers.image.description="PAL pluralistic reward model service: onnxruntime on CPU, no torch" \
+      org.opencontainers.image.description="PAL pluralistic reward model service: onnxruntime + OpenVINO on CPU, no torch" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
 # Same uid as the training image, and /bundle owned by it: whichever container first mounts the new `bundle`
@@ -43,7 +46,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PAL_HOST=0.0.0.0 \
     PAL_PORT=8000 \
     PAL_BUNDLE_DIR=/bundle \
-    PAL_PROVIDER=cpu \
+    PAL_PROVIDER=openvino \
     PAL_REDIS_DATA_DIR=/data/redis
 USER 10001:10001
 WORKDIR /home/pal

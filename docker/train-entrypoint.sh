@@ -6,7 +6,7 @@
 #   PAL_TRAIN_K        number of prototypes K (default 3)
 #   PAL_TRAIN_SEED     data and training seed (default 0)
 #   PAL_ENCODER        HF id or local path of the frozen encoder (default: the packaged all-MiniLM-L6-v2)
-#   PAL_EXPORT_FP16    true (default) also writes the fp16 graph GPU scorers can use with PAL_FP16=true
+#   PAL_EXPORT_FP16    true (default) also writes the fp16 graph GPU scorers can use with PAL_PRECISION=fp16
 #   PAL_BUNDLE_ROOT, PAL_CHECKPOINT_ROOT   where the volumes are mounted (default /bundle, /checkpoints)
 # The bundle lands in /bundle/releases/<UTC time>, then /bundle/current is switched to it in one rename, so a
 # scorer starting at any moment reads either the previous bundle or the new one, never a half-written one.

@@ -61,13 +61,14 @@ def main() -> int:
         pip, py = str(venv / "bin" / "pip"), str(venv / "bin" / "python")
         env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PIP_NO_CACHE_DIR": "1"}
         if args.image == "scorer-cpu":
-            extras, ort, check = ["serve"], [], ["--onnxruntime", "onnxruntime"]
+            extras, ort, check = ["serve"], [], ["--onnxruntime", "onnxruntime", "--openvino"]
         else:
             version = arg_defaults(builder)["ORT_GPU_VERSION"]
             cuda = re.match(r"nvidia/cuda:(\d+\.\d+\.\d+)", builder.base)
             assert cuda, builder.base
             env["CUDA_VERSION"] = cuda.group(1)  # what the nvidia/cuda base image sets
-            extras, ort = ["serve", "--without", "onnxruntime"], [f"onnxruntime-gpu=={version}"]
+            extras = ["serve", "--without", "onnxruntime", "--without", "onnxruntime-ep-openvino"]
+            ort = [f"onnxruntime-gpu=={version}"]
             check = ["--onnxruntime", "onnxruntime-gpu"]
         requirements = subprocess.run(
             [py, "docker/pyproject_deps.py", *extras], cwd=src, env=env, capture_output=True, text=True, check=True

@@ -167,7 +167,7 @@ def test_replicas_serve_one_model_version(replicas: list[str], bundle_root: Path
     version = json.loads((bundle_root / "current" / "config.json").read_text())["version"]
     infos = [httpx.get(f"{url}/info", timeout=30).raise_for_status().json() for url in replicas]
     assert {i["model_version"] for i in infos} == {version}
-    assert {i["provider"] for i in infos} == {"CPUExecutionProvider"}  # PAL_PROVIDER=cpu from the CPU override
+    assert {i["provider"] for i in infos} == {"OpenVINOExecutionProvider"}  # PAL_PROVIDER=openvino, CPU override
 
 
 def test_replicas_share_user_state_through_redis(replicas: list[str]) -> None:
