@@ -136,22 +136,7 @@ class Scorer:
         head = B.read_head(directory, meta)
         users = B.read_users(directory, meta)
         tokenizer, pad_id = _load_tokenizer(directory, meta)
-        requested, provider = provider, _resolve_provider(provider, precision, meta)
-        if provider == "openvino":
-            graph = meta.graphs.get("portable")
-            if graph is None:
-                raise BundleError(
-                    f"bundle {directory} has no portable graph for the OpenVINO provider; re-export it with "
-                    "`pal export` (bundles from before this provider lack it)"
-                )
-            session = _openvino_session(directory / graph, precision, intra_op_threads)
-        else:
-            if precision == "bf16":
-                raise ProviderError("precision 'bf16' runs on the OpenVINO provider only (provider='openvino')")
-            graph = meta.graphs.get(precision)
-            if graph is None:
-                raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
-            session = _session(directory / graph, provider, intra_op_threads, spinning, strict=requested != "auto")
+        session = _open_session(directory, meta, provider, precision, intra_op_threads, spinning)
         scorer = cls(
             meta, head, users, session, tokenizer, pad_id, max_batch_tokens, cache_size, pad_tolerance, precision
         )
@@ -347,6 +332,35 @@ def _token_budget_batches(
         batches.append(np.arange(start, stop))
         start = stop
     return batches
+
+
+def _open_session(
+    directory: Path, meta: BundleMeta, requested: str, precision: str, threads: int, spinning: bool
+) -> ort.InferenceSession:
+    """The session for a provider request: the portable graph on OpenVINO, else the fused graph of that precision.
+    Under `auto` a provider that does not start (CUDA, or OpenVINO at fp32) gives way to CPU with a warning;
+    asked for by name, it is a ProviderError."""
+    provider = _resolve_provider(requested, precision, meta)
+    if provider == "openvino":
+        graph = meta.graphs.get("portable")
+        if graph is None:
+            raise BundleError(
+                f"bundle {directory} has no portable graph for the OpenVINO provider; re-export it with "
+                "`pal export` (bundles from before this provider lack it)"
+            )
+        try:
+            return _openvino_session(directory / graph, precision, threads)
+        except ProviderError as e:
+            if requested != "auto" or precision != "fp32":
+                raise
+            log.warning("OpenVINO provider not usable (%s); serving on the CPU provider", e)
+            provider = "cpu"
+    if precision == "bf16":
+        raise ProviderError("precision 'bf16' runs on the OpenVINO provider only (provider='openvino')")
+    graph = meta.graphs.get(precision)
+    if graph is None:
+        raise BundleError(f"bundle {directory} has no fp16 graph; export it with `pal export --fp16`")
+    return _session(directory / graph, provider, threads, spinning, strict=requested != "auto")
 
 
 def _resolve_provider(provider: str, precision: str, meta: BundleMeta) -> str:

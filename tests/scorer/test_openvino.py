@@ -102,6 +102,25 @@ def test_auto_prefers_openvino_and_needs_the_portable_graph(bundles: dict[str, P
         Scorer.load(old, provider="openvino")
 
 
+def test_auto_serves_on_cpu_when_openvino_does_not_start(
+    bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import models.scorer as scorer_module
+
+    def broken(*args: object) -> None:
+        raise ProviderError("the OpenVINO CPU plugin failed to compile the graph")
+
+    monkeypatch.setattr(scorer_module, "_openvino_session", broken)
+    with caplog.at_level("WARNING", logger="models.scorer"):
+        assert Scorer.load(bundles["A"], provider="auto", intra_op_threads=1).provider == "CPUExecutionProvider"
+    assert "OpenVINO provider not usable" in caplog.text
+    # Asked for by name, or at a precision only OpenVINO runs, it stays an error.
+    with pytest.raises(ProviderError, match="compile"):
+        Scorer.load(bundles["A"], provider="openvino")
+    with pytest.raises(ProviderError, match="compile"):
+        Scorer.load(bundles["A"], provider="auto", precision="bf16")
+
+
 def test_bad_requests_fail_at_load(bundles: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ProviderError, match="fp16"):
         Scorer.load(bundles["B"], provider="openvino", precision="fp16")
