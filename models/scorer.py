@@ -50,6 +50,11 @@ DEFAULT_BATCH_TOKENS: dict[str, int] = {CUDA: 16384, OPENVINO: 2048, CPU: 1024}
 # so mixing lengths loses. On a GPU padding is nearly free next to a kernel launch: no limit.
 DEFAULT_PAD_TOLERANCE: dict[str, int | None] = {CUDA: None, OPENVINO: 8, CPU: 8}
 
+# OpenVINO builds its kernels per input shape the first time it sees one (10-35 ms, bf16 the most) and caches
+# them. Padding widths up to a multiple of 16 makes shapes recur 16x sooner: single-item bf16 calls on fresh texts
+# ran 52 -> 102 items/s cold and ~10% faster warm. onnxruntime's own providers gain nothing from it.
+DEFAULT_WIDTH_MULTIPLE: dict[str, int] = {OPENVINO: 16}
+
 
 class ProviderError(RuntimeError):
     """The requested execution provider is not active: raised at load, never a silent fallback."""
@@ -95,6 +100,7 @@ class Scorer:
         # -1: the provider's default; None: rows of any length share a batch (budget only).
         default_tolerance = DEFAULT_PAD_TOLERANCE.get(self.provider, DEFAULT_PAD_TOLERANCE[CPU])
         self.pad_tolerance = default_tolerance if pad_tolerance == -1 else pad_tolerance
+        self.width_multiple = DEFAULT_WIDTH_MULTIPLE.get(self.provider, 1)
         self._users = users
         self._session = session
         self._inputs = [i.name for i in session.get_inputs()]
@@ -269,16 +275,18 @@ class Scorer:
         return [found[key] for key in keys]
 
     def _encode_texts(self, texts: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Tokenize in bulk, sort by length, run batches cut by the padded-token budget; outputs in input order."""
+        """Tokenize in bulk, sort by length, run batches cut by the padded-token budget (rows padded to the batch's
+        longest, rounded up to the width multiple); outputs in input order."""
         encodings = self._tokenizer.encode_batch(texts)
         lengths = np.array([len(e.ids) for e in encodings])
         truncated = np.array([len(e.overflowing) > 0 for e in encodings], dtype=bool)
         order = np.argsort(-lengths, kind="stable")
+        widths = _padded_widths(lengths, self.width_multiple, self.meta.encoder.max_length)
         results: list[list[np.ndarray]] = []
         positions: list[np.ndarray] = []
-        for batch in _token_budget_batches(lengths[order], self.max_batch_tokens, self.pad_tolerance):
+        for batch in _token_budget_batches(widths[order], self.max_batch_tokens, self.pad_tolerance):
             idx = order[batch]
-            width = int(lengths[idx].max())
+            width = int(widths[idx].max())
             ids = np.full((len(idx), width), self._pad_id, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for row, j in enumerate(idx):
@@ -313,6 +321,12 @@ class Scorer:
             raise BundleError(f"bundle graph outputs shapes {got}, config implies {expected}")
         if not all(np.isfinite(o).all() for o in outputs):
             raise BundleError("bundle graph produced NaN or inf on a probe batch")
+
+
+def _padded_widths(lengths: np.ndarray, multiple: int, cap: int) -> np.ndarray:
+    """Each row's padded width: its length rounded up to `multiple`, never past `cap` (the encoder's max_length:
+    positions beyond it need not exist) nor below the length itself."""
+    return np.maximum(lengths, np.minimum(-(-lengths // multiple) * multiple, cap))
 
 
 def _token_budget_batches(

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.scorer import Scorer, _token_budget_batches
+from models.scorer import Scorer, _padded_widths, _token_budget_batches
 
 # A GRPO-like group: 3 prompts x 4 responses, varied lengths, one response shared across prompts.
 _GROUP_PROMPTS = ["Name a prime.", "Summarise the plot of Hamlet in detail. " * 3, "Why is the sky blue?"]
@@ -81,6 +81,23 @@ def test_results_do_not_depend_on_the_token_budget(
     got = small.encode(PROMPTS, RESPONSES)
     _same(got, scorers["B"].encode(PROMPTS, RESPONSES))
     assert small.cache_stats()["batches"] > 1  # the budget or the tolerance really split the work
+
+
+def test_widths_rounded_up_change_shapes_not_results(bundles: dict[str, Path], scorers) -> None:
+    rounded = Scorer.load(bundles["B"], provider="cpu", intra_op_threads=1)
+    rounded.width_multiple = 16  # OpenVINO's default, here on the CPU provider so it runs everywhere
+    widths: list[int] = []
+    run = rounded._run
+    rounded._run = lambda ids, mask: widths.append(ids.shape[1]) or run(ids, mask)  # type: ignore[method-assign]
+    _same(rounded.encode(PROMPTS, RESPONSES), scorers["B"].encode(PROMPTS, RESPONSES))
+    max_length = rounded.meta.encoder.max_length
+    assert widths and all(w % 16 == 0 or w == max_length for w in widths), widths
+
+
+def test_padded_widths_round_up_but_never_past_max_length() -> None:
+    lengths = np.array([1, 15, 16, 17, 120, 126, 127, 130])
+    np.testing.assert_array_equal(_padded_widths(lengths, 16, 127), [16, 16, 16, 32, 127, 127, 127, 130])
+    np.testing.assert_array_equal(_padded_widths(lengths, 1, 127), lengths)
 
 
 def test_spinning_threads_change_speed_not_results(bundles: dict[str, Path], scorers) -> None:

@@ -89,7 +89,7 @@ def test_auto_prefers_openvino_and_needs_the_portable_graph(bundles: dict[str, P
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has a CUDA onnxruntime: auto picks CUDA")
     auto = Scorer.load(bundles["A"], provider="auto", intra_op_threads=1)
-    assert auto.provider == OPENVINO and auto.max_batch_tokens == 2048
+    assert auto.provider == OPENVINO and auto.max_batch_tokens == 2048 and auto.width_multiple == 16
 
     # A bundle exported before the portable graph existed: auto serves it on CPU, openvino refuses it.
     old = copy_bundle(bundles["A"], tmp_path / "old")
