@@ -1,25 +1,30 @@
 """Scorer throughput on a GRPO-like workload, side by side with torch baselines using the same encoder and head.
 
-    .venv/bin/python bench/bench_scorer.py                       # random head on MiniLM, CPU, 64 prompts x 8
-    .venv/bin/python bench/bench_scorer.py --provider cuda --fp16 --naive-items 0
+    .venv/bin/python bench/bench_scorer.py       # random head on MiniLM, 64 prompts x 8, every CPU scorer setup
+    .venv/bin/python bench/bench_scorer.py --scorers cuda:fp32,cuda:fp16 --naive-items 0     # GPU
 
 Workload: P prompts x R responses (seeded, realistic varied lengths: prompts 8-150 words, responses log-normal
 around 60 words, a few past max_length), each prompt group scored for one random user mixture. Every method
 computes the same rewards (checked: max |diff| printed). Methods:
 
-    scorer          models.scorer.Scorer (ONNX Runtime, fused graph), cache cleared before each run, so the
-                    only reuse is the in-call dedup of the 8x repeated prompts
-    scorer (warm)   the same step again with a warm cache (an RLHF step re-scoring texts it has seen)
+    scorer P/X      models.scorer.Scorer on provider P at precision X (--scorers; default on CPU: cpu/fp32, the
+                    fused graph on onnxruntime's CPU provider, plus openvino/fp32 and openvino/bf16 where the
+                    OpenVINO plugin and bf16 units are there), cache cleared before each run, so the only reuse
+                    is the in-call dedup of the 8x repeated prompts
+    scorer (warm)   the first scorer again with a warm cache (an RLHF step re-scoring texts it has seen)
     torch naive     per item: tokenize + encode the prompt and the response, one forward pass each (timed on
                     --naive-items items spread evenly over the workload: its rate does not depend on the count;
                     in the same interleaved rounds, best round counts, like every other method)
+    torch naive bf16   the same loop under torch.autocast(bfloat16), when a scorer runs bf16: the naive loop at
+                    the scorer's precision, so the speed-up is not bought with precision alone
     torch batched   torch eager, batches of --torch-batch items in arrival order, padded to the longest row
     torch batched + dedup/sort   the scorer's own batching (dedup, length sort, token budget) in torch:
                     isolates what the ONNX graph itself buys
 
-Prints items/s per method, ratios against the scorer, and p50/p99 latency of per-group calls and of encoder
-batches. All methods run in interleaved rounds (best round counts), so other load on the machine hits them alike;
-absolute numbers still want a quiet machine.
+Prints items/s per method, each scorer's speed-up over each torch baseline, its reward error against torch fp32
+(max |diff|, RMS as a share of the rewards' spread, share of within-group orderings kept), and p50/p99 latency
+of per-group calls and of encoder batches. All methods run in interleaved rounds (best round counts), so other
+load on the machine hits them alike; absolute numbers still want a quiet machine.
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from models.scorer import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,8 +84,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--responses", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256, help="for the default random checkpoint")
-    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--fp16", action="store_true", help="score with the fp16 graph (exported if needed)")
+    ap.add_argument(
+        "--scorers",
+        default=None,
+        help="comma-separated PROVIDER:PRECISION scorer setups timed side by side, e.g. cpu:fp32,openvino:bf16 "
+        "(default: cuda:fp32,cuda:fp16 with a CUDA onnxruntime, else cpu:fp32 plus the OpenVINO ones available)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, ORT and torch")
     ap.add_argument("--spinning", action="store_true", help="ORT threads spin within a run (PAL_INTRA_OP_SPINNING)")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="default: the scorer's for the provider")
@@ -100,69 +113,55 @@ def main() -> None:
     if args.bundle is not None and args.checkpoint is None:
         # The torch baselines need the checkpoint the bundle was exported from, or they score another model.
         raise SystemExit("--bundle needs --checkpoint (the checkpoint it was exported from)")
+    setups = parse_setups(args.scorers) if args.scorers else default_setups()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scorer-"))
     checkpoint = args.checkpoint or make_random_checkpoint(tmp / "checkpoint", form="B", max_length=args.max_length)
     bundle = args.bundle
     if bundle is None:
         bundle = tmp / "bundle"
-        report = export_bundle(checkpoint, bundle, fp16=args.fp16)
+        report = export_bundle(checkpoint, bundle, fp16=any(x == "fp16" for _, x in setups))
         print(f"exported {bundle} in {report.seconds}s, fusions {report.fusions}")
 
-    scorer = Scorer.load(
-        bundle, provider=args.provider, fp16=args.fp16, intra_op_threads=args.threads, spinning=args.spinning,
-        max_batch_tokens=args.max_batch_tokens,
-    )
-    cfg, spec = scorer.meta.pal, scorer.meta.encoder
+    scorers = {
+        f"scorer {p}/{x}": Scorer.load(
+            bundle, provider=p, precision=x, intra_op_threads=args.threads, spinning=args.spinning,
+            max_batch_tokens=args.max_batch_tokens,
+        )
+        for p, x in setups
+    }
+    first = next(iter(scorers.values()))
+    cfg, spec = first.meta.pal, first.meta.encoder
     prompts, responses, group_w = make_workload(args.prompts, args.responses, args.seed)
     if cfg.k != group_w.shape[1]:
         group_w = np.random.default_rng(args.seed).dirichlet(np.ones(cfg.k), size=args.prompts)
     weights = np.repeat(group_w, args.responses, axis=0)
     n = len(prompts)
-    tokens = scorer.count_tokens(responses)
+    tokens = first.count_tokens(responses)
     print(
         f"workload: {args.prompts} prompts x {args.responses} responses = {n} items, PAL-{cfg.form} K={cfg.k}, "
         f"max_length {spec.max_length}, response tokens p50 {int(np.median(tokens))} max {max(tokens)}, "
-        f"{int(scorer.encode(prompts, responses).truncated.sum())} items truncated"
+        f"{int(first.encode(prompts, responses).truncated.sum())} items truncated"
     )
-    print(
-        f"provider {scorer.provider}, {args.threads} threads (spinning={args.spinning}), fp16={args.fp16}, "
-        f"batch budget {scorer.max_batch_tokens} tokens, pad tolerance {scorer.pad_tolerance}, "
-        f"torch {torch.__version__}"
-    )
+    print(f"{args.threads} threads (ORT spinning={args.spinning}), torch {torch.__version__}")
+    for name, scorer in scorers.items():
+        print(
+            f"{name}: {scorer.provider}, batch budget {scorer.max_batch_tokens} tokens, "
+            f"pad tolerance {scorer.pad_tolerance}, widths rounded up to a multiple of {scorer.width_multiple}"
+        )
 
-    scorer.warmup()
-    batch_latencies: list[float] = []
-    run = scorer._run
-
-    def timed_run(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        out = run(ids, mask)
-        batch_latencies.append(time.perf_counter() - t0)
-        return out
-
-    scorer._run = timed_run  # type: ignore[method-assign]  # per-batch latency, bench only
-
-    def score_cold() -> np.ndarray:
-        scorer.clear_cache()
-        return scorer.rewards(scorer.encode(prompts, responses), weights)
-
-    def score_warm() -> np.ndarray:
-        return scorer.rewards(scorer.encode(prompts, responses), weights)
-
-    group_lat = []
-    scorer.clear_cache()
-    for g in range(args.prompts):
-        sl = slice(g * args.responses, (g + 1) * args.responses)
-        t0 = time.perf_counter()
-        scorer.rewards(scorer.encode(prompts[sl], responses[sl]), weights[sl])
-        group_lat.append(time.perf_counter() - t0)
-    batch_latencies.clear()  # per-batch latency below: the full-step runs only
+    batch_latencies: dict[str, list[float]] = {}
+    group_latencies: dict[str, list[float]] = {}
+    for name, scorer in scorers.items():
+        scorer.warmup()
+        batch_latencies[name] = record_batch_latency(scorer)
+        group_latencies[name] = group_call_latency(scorer, prompts, responses, weights, args.responses)
+        batch_latencies[name].clear()  # per-batch latency below: the full-step runs only
 
     # ---- torch baselines: same encoder weights, same tokenization, same head
     model, _ = load_model(checkpoint)
     head = model.head.eval()
-    on_gpu = scorer.provider == "CUDAExecutionProvider" and torch.cuda.is_available()
+    on_gpu = first.provider == "CUDAExecutionProvider" and torch.cuda.is_available()
     device = torch.device(args.torch_device or ("cuda" if on_gpu else "cpu"))
     head.to(device)
     encoder = PooledEncoder(spec, attn_implementation="eager").eval().to(device)
@@ -175,7 +174,7 @@ def main() -> None:
         return encoder(b["input_ids"].to(device), b["attention_mask"].to(device))
 
     def reward(p_emb: torch.Tensor, x_emb: torch.Tensor, w: np.ndarray) -> np.ndarray:
-        return head.reward(p_emb, x_emb, torch.from_numpy(w).float().to(device)).double().cpu().numpy()
+        return head.reward(p_emb.float(), x_emb.float(), torch.from_numpy(w).float().to(device)).double().cpu().numpy()
 
     def items(p: list[str], x: list[str]) -> tuple[list[str], list[str]]:
         # PAL-A embeds the pair text only; the prompt slot is ignored by the head.
@@ -187,11 +186,12 @@ def main() -> None:
         return p, x
 
     @torch.inference_mode()
-    def torch_naive(idx: np.ndarray) -> np.ndarray:
+    def torch_naive(idx: np.ndarray, bf16: bool = False) -> np.ndarray:
         out = np.empty(len(idx))
-        for j, i in enumerate(idx):
-            p, x = items([prompts[i]], [responses[i]])
-            out[j] = reward(embed(p), embed(x), weights[i : i + 1])[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for j, i in enumerate(idx):
+                p, x = items([prompts[i]], [responses[i]])
+                out[j] = reward(embed(p), embed(x), weights[i : i + 1])[0]
         return out
 
     @torch.inference_mode()
@@ -211,51 +211,134 @@ def main() -> None:
         lengths = np.array([len(ids) for ids in tok(uniq, truncation=True, max_length=spec.max_length)["input_ids"]])
         order = np.argsort(-lengths, kind="stable")
         emb: dict[str, torch.Tensor] = {}
-        for batch in _token_budget_batches(lengths[order], scorer.max_batch_tokens, scorer.pad_tolerance):
+        for batch in _token_budget_batches(lengths[order], first.max_batch_tokens, first.pad_tolerance):
             texts = [uniq[j] for j in order[batch]]
             emb.update(zip(texts, embed(texts), strict=True))
         return reward(torch.stack([emb[t] for t in p_all]), torch.stack([emb[t] for t in x_all]), weights)
+
+    def score_cold(scorer: Scorer) -> Callable[[], np.ndarray]:
+        def run() -> np.ndarray:
+            scorer.clear_cache()
+            return scorer.rewards(scorer.encode(prompts, responses), weights)
+
+        return run
 
     # Rounds interleave the methods so that load from other processes hits them alike; best round counts.
     everything = np.arange(n)
     # The per-item loop runs on items spread evenly over the workload, so every prompt length is represented.
     naive_idx = np.linspace(0, n - 1, min(n, args.naive_items)).round().astype(int)
     methods: dict[str, tuple[Callable[[], np.ndarray], np.ndarray]] = {
-        "scorer": (score_cold, everything),
-        "torch batched eager": (torch_batched, everything),
-        "torch batched + dedup/sort": (torch_dedup, everything),
+        name: (score_cold(scorer), everything) for name, scorer in scorers.items()
     }
+    methods["torch batched eager"] = (torch_batched, everything)
+    methods["torch batched + dedup/sort"] = (torch_dedup, everything)
     if args.naive_items:
         methods["torch naive per-item"] = (lambda: torch_naive(naive_idx), naive_idx)
+        if any(x == "bf16" for _, x in setups):
+            methods["torch naive per-item bf16"] = (lambda: torch_naive(naive_idx, bf16=True), naive_idx)
     best: dict[str, float] = {name: float("inf") for name in methods}
     outputs: dict[str, np.ndarray] = {}
     for r in range(args.repeats):
         for name, (fn, _) in methods.items():
             secs, outputs[name] = timed(fn)
             best[name] = min(best[name], secs)
-        rates = ", ".join(f"{k} {len(methods[k][1]) / v:.1f} items/s" for k, v in best.items())
-        print(f"round {r + 1} (best so far): {rates}", flush=True)
+        rates = ", ".join(f"{k} {len(methods[k][1]) / v:.1f}" for k, v in best.items())
+        print(f"round {r + 1} (best so far, items/s): {rates}", flush=True)
     rows = [(name, len(idx), best[name], outputs[name], idx) for name, (_, idx) in methods.items()]
-    secs, out = timed(score_warm)
-    rows.insert(1, ("scorer (warm cache)", n, secs, out, everything))
+    first_name = next(iter(scorers))
+    secs, out = timed(lambda: first.rewards(first.encode(prompts, responses), weights))
+    rows.insert(len(scorers), (f"{first_name} (warm cache)", n, secs, out, everything))
+
     ref = outputs["torch batched eager"]
-    header = ("method", "items", "seconds", "items/s", "scorer speed-up", "max|r - torch|")
-    print("\n{:30s} {:>6s} {:>9s} {:>9s} {:>16s} {:>15s}".format(*header))
-    scorer_rate = n / best["scorer"]
+    header = ("method", "items", "seconds", "items/s", "max|r - torch|", "RMS/spread", "order kept")
+    print("\n{:32s} {:>6s} {:>9s} {:>9s} {:>15s} {:>11s} {:>11s}".format(*header))
+    rate: dict[str, float] = {}
     for name, count, secs, r, idx in rows:
-        rate = count / secs
-        diff = np.abs(r - ref[idx]).max()
-        print(f"{name:30s} {count:6d} {secs:9.3f} {rate:9.1f} {scorer_rate / rate:15.2f}x {diff:15.2e}")
-    gl = np.array(group_lat) * 1e3
-    bl = np.array(batch_latencies) * 1e3
-    print(
-        f"latency per {args.responses}-item group call (cold cache): p50 {np.percentile(gl, 50):.1f} ms, "
-        f"p99 {np.percentile(gl, 99):.1f} ms"
-    )
-    print(
-        f"latency per encoder batch (<= {scorer.max_batch_tokens} padded tokens, {len(bl)} batches): "
-        f"p50 {np.percentile(bl, 50):.1f} ms, p99 {np.percentile(bl, 99):.1f} ms"
-    )
+        rate[name] = count / secs
+        err = reward_error(r, ref[idx], args.responses if len(idx) == n else None)
+        print(
+            f"{name:32s} {count:6d} {secs:9.3f} {rate[name]:9.1f} {err[0]:15.2e} {err[1]:11.4f} "
+            f"{'-' if err[2] is None else f'{err[2]:.4f}':>11s}"
+        )
+    baselines = [name for name in methods if name.startswith("torch")]
+    print("\nscorer speed-up (items/s ratio, same run):")
+    print("{:32s} ".format("") + " ".join(f"{'vs ' + b.removeprefix('torch '):>26s}" for b in baselines))
+    for name in scorers:
+        print(f"{name:32s} " + " ".join(f"{rate[name] / rate[b]:25.2f}x" for b in baselines))
+    print()
+    for name in scorers:
+        gl, bl = np.array(group_latencies[name]) * 1e3, np.array(batch_latencies[name]) * 1e3
+        print(
+            f"{name}: latency per {args.responses}-item group call (cold cache) p50 {np.percentile(gl, 50):.1f} ms, "
+            f"p99 {np.percentile(gl, 99):.1f} ms; per encoder batch (<= {scorers[name].max_batch_tokens} padded "
+            f"tokens, {len(bl)} batches) p50 {np.percentile(bl, 50):.1f} ms, p99 {np.percentile(bl, 99):.1f} ms"
+        )
+
+
+def parse_setups(text: str) -> list[tuple[str, str]]:
+    setups = []
+    for part in text.split(","):
+        provider, _, precision = part.strip().partition(":")
+        setups.append((provider, precision or "fp32"))
+    return setups
+
+
+def default_setups() -> list[tuple[str, str]]:
+    import importlib.util
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("cuda", "fp32"), ("cuda", "fp16")]
+    setups = [("cpu", "fp32")]
+    if importlib.util.find_spec("onnxruntime_ep_openvino") is not None:
+        from models.scorer import openvino_cpu_device
+
+        setups.append(("openvino", "fp32"))
+        if "BF16" in openvino_cpu_device().ep_metadata.get("OPTIMIZATION_CAPABILITIES", "").split():
+            setups.append(("openvino", "bf16"))
+    return setups
+
+
+def record_batch_latency(scorer: Scorer) -> list[float]:
+    """Wrap the scorer's graph runs to record each one's latency (bench only)."""
+    latencies: list[float] = []
+    run = scorer._run
+
+    def timed_run(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        out = run(ids, mask)
+        latencies.append(time.perf_counter() - t0)
+        return out
+
+    scorer._run = timed_run  # type: ignore[method-assign]
+    return latencies
+
+
+def group_call_latency(
+    scorer: Scorer, prompts: list[str], responses: list[str], weights: np.ndarray, size: int
+) -> list[float]:
+    scorer.clear_cache()
+    latencies = []
+    for start in range(0, len(prompts), size):
+        sl = slice(start, start + size)
+        t0 = time.perf_counter()
+        scorer.rewards(scorer.encode(prompts[sl], responses[sl]), weights[sl])
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def reward_error(got: np.ndarray, ref: np.ndarray, group: int | None) -> tuple[float, float, float | None]:
+    """max |diff|, RMS diff over the reference's spread, and (whole workload only) the share of within-group
+    pairwise orderings kept."""
+    diff = got - ref
+    rms = float(np.sqrt(np.mean(diff**2)) / max(ref.std(), 1e-12))
+    if group is None:
+        return float(np.abs(diff).max()), rms, None
+    i, j = np.triu_indices(group, 1)
+    a, b = ref.reshape(-1, group), got.reshape(-1, group)
+    kept = float(np.mean(np.sign(a[:, i] - a[:, j]) == np.sign(b[:, i] - b[:, j])))
+    return float(np.abs(diff).max()), rms, kept
 
 
 if __name__ == "__main__":

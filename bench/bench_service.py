@@ -131,11 +131,15 @@ def fit_time_ms(scorer, n: int = 100, repeats: int = 30) -> dict[str, float]:
     return {"min_ms": round(1000 * min(times), 2), "median_ms": round(1000 * statistics.median(times), 2)}
 
 
-def start_server(bundle: Path, port: int, redis_dir: Path, log: Path, threads: int) -> subprocess.Popen:
+def start_server(
+    bundle: Path, port: int, redis_dir: Path, log: Path, threads: int, provider: str, precision: str
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "PAL_REDIS_DATA_DIR": str(redis_dir),
         "PAL_INTRA_OP_THREADS": str(threads),
+        "PAL_PROVIDER": provider,
+        "PAL_PRECISION": precision,
         "PAL_LOG_LEVEL": "warning",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -165,6 +169,8 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="onnxruntime intra-op threads, server and bare alike (0: all cores)"
     )
+    ap.add_argument("--provider", default="auto", help="PAL_PROVIDER of the server and the bare scorer alike")
+    ap.add_argument("--precision", default="fp32", help="PAL_PRECISION of the server and the bare scorer alike")
     ap.add_argument("--rounds", type=int, default=4, help="alternating bare/service rounds per concurrency level")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -179,14 +185,24 @@ def main() -> None:
 
         bundle = make_random_bundle(tmp, form="B", k=3, max_length=256)
     levels = list(zip((1, 8, 64), (int(x) for x in args.requests.split(",")), strict=True))
-    scorer = Scorer.load(bundle, provider="cpu", intra_op_threads=args.threads)
+    scorer = Scorer.load(bundle, provider=args.provider, precision=args.precision, intra_op_threads=args.threads)
     scorer.warmup()
+    print(f"provider {scorer.provider}, precision {scorer.precision}, {args.threads} threads", flush=True)
 
     port = free_port()
-    proc = start_server(bundle, port, tmp / "redis", tmp / "serve.log", args.threads)
-    results: dict = {"bundle": str(bundle), "cpu_count": os.cpu_count(), "levels": []}
+    proc = start_server(bundle, port, tmp / "redis", tmp / "serve.log", args.threads, args.provider, args.precision)
+    results: dict = {
+        "bundle": str(bundle),
+        "cpu_count": os.cpu_count(),
+        "provider": scorer.provider,
+        "precision": scorer.precision,
+        "levels": [],
+    }
     try:
         url = f"http://127.0.0.1:{port}"
+        served = httpx.get(f"{url}/info", timeout=30).raise_for_status().json()
+        if (served["provider"], served["precision"]) != (scorer.provider, scorer.precision):
+            raise SystemExit(f"server runs {served['provider']}/{served['precision']}, the bare scorer does not")
         adapt = make_items(16, "adapt", seed=1)
         comps = [
             {"prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"]}
