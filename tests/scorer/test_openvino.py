@@ -149,3 +149,20 @@ def test_concurrent_calls_agree_with_one_call(openvino: dict[str, Scorer]) -> No
         t.join()
     for t in range(4):
         np.testing.assert_allclose(got[t], expected[t::4], rtol=0, atol=1e-5)
+
+
+def test_warmup_builds_one_row_at_every_width_a_batch_can_have(
+    openvino: dict[str, Scorer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scorer = openvino["B"]
+    shapes: list[tuple[int, int]] = []
+    run = scorer._run
+
+    def recording(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        shapes.append(ids.shape)
+        return run(ids, mask)
+
+    monkeypatch.setattr(scorer, "_run", recording)
+    scorer.warmup()
+    max_length = scorer.meta.encoder.max_length
+    assert {w for rows, w in shapes if rows == 1} >= set(range(16, max_length + 1, 16))
