@@ -451,6 +451,7 @@ def _openvino_session(path: Path, precision: str, threads: int) -> ort.Inference
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
     opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # no node runs on onnxruntime's own pool; OpenVINO has its threads (TBB)
     # A node OpenVINO cannot run would otherwise go to the CPU provider with only a log line; refuse instead.
     opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     opts.add_provider_for_devices([device], {"load_config": json.dumps({"CPU": config})})
