@@ -1,0 +1,55 @@
+"""The service serves on the provider and precision it is configured with (PAL_PROVIDER, PAL_PRECISION), says so
+in /info, and scores like the parity-tested CPU scorer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.config import Settings
+from tests.service.conftest import running_app
+
+pytestmark = pytest.mark.anyio
+
+PROMPTS = ["Say hi", "Plan a weekend.", "Explain photosynthesis briefly."]
+RESPONSES = ["Hello there!", "A long hike, then a slow dinner with friends.", "Plants turn light into sugar."]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime_ep_openvino") is None, reason="onnxruntime-ep-openvino is not installed"
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+async def test_service_serves_on_openvino_as_configured(
+    precision: str, tmp_path: Path, bundle_b: Path, scorer_b
+) -> None:
+    from models.scorer import openvino_cpu_device
+
+    settings = Settings(
+        bundle_dir=bundle_b, redis_data_dir=tmp_path / "redis", provider="openvino", precision=precision,
+        intra_op_threads=1,
+    )
+    if precision == "bf16" and "BF16" not in openvino_cpu_device().ep_metadata.get("OPTIMIZATION_CAPABILITIES", ""):
+        with pytest.raises(RuntimeError, match="bf16"):  # the load error, reported instead of serving at fp32
+            async with running_app(settings):
+                pass
+        return
+    async with running_app(settings) as c:
+        info = (await c.get("/info")).json()
+        assert (info["provider"], info["precision"]) == ("OpenVINOExecutionProvider", precision)
+        items = [
+            {"prompt": p, "response": r, "user_id": u}
+            for p, r in zip(PROMPTS, RESPONSES, strict=True)
+            for u in ("user-1", None)
+        ]
+        r = await c.post("/score", json={"items": items})
+        assert r.status_code == 200, r.text
+        got = np.array([x["reward"] for x in r.json()["results"]])
+    enc = scorer_b.encode([it["prompt"] for it in items], [it["response"] for it in items])
+    seen, prior = scorer_b.seen_users()["user-1"], np.asarray(scorer_b.meta.prior_weights)
+    expected = scorer_b.rewards(enc, np.stack([seen if it["user_id"] else prior for it in items]))
+    # fp32 is the parity-tested path; bf16 rounds inputs to 8 mantissa bits (docs/SCORER.md measures its error).
+    tolerance = 1e-4 if precision == "fp32" else 0.05 * max(np.abs(expected).max(), 1.0)
+    assert np.abs(got - expected).max() < tolerance, (got, expected)
