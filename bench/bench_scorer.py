@@ -284,18 +284,16 @@ def parse_setups(text: str) -> list[tuple[str, str]]:
 
 
 def default_setups() -> list[tuple[str, str]]:
-    import importlib.util
-
     import onnxruntime as ort
+
+    from models.scorer import openvino_installed, openvino_runs_bf16
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return [("cuda", "fp32"), ("cuda", "fp16")]
     setups = [("cpu", "fp32")]
-    if importlib.util.find_spec("onnxruntime_ep_openvino") is not None:
-        from models.scorer import openvino_cpu_device
-
+    if openvino_installed():
         setups.append(("openvino", "fp32"))
-        if "BF16" in openvino_cpu_device().ep_metadata.get("OPTIMIZATION_CAPABILITIES", "").split():
+        if openvino_runs_bf16():
             setups.append(("openvino", "bf16"))
     return setups
 

@@ -389,7 +389,7 @@ def _resolve_provider(provider: str, precision: str, meta: BundleMeta) -> str:
         return provider
     if precision != "bf16" and CUDA in ort.get_available_providers():
         return "cuda"
-    if precision != "fp16" and "portable" in meta.graphs and importlib.util.find_spec(_OPENVINO_PLUGIN) is not None:
+    if precision != "fp16" and "portable" in meta.graphs and openvino_installed():
         return "openvino"
     return "cpu"
 
@@ -442,10 +442,10 @@ def _openvino_session(path: Path, precision: str, threads: int) -> ort.Inference
     if not path.is_file():
         raise BundleError(f"bundle {path.parent} has no {path.name}")
     device = openvino_cpu_device()
-    capabilities = device.ep_metadata.get("OPTIMIZATION_CAPABILITIES", "").split()
-    if precision == "bf16" and "BF16" not in capabilities:
+    if precision == "bf16" and not openvino_runs_bf16(device):
         raise ProviderError(
-            f"precision 'bf16' needs a CPU with bf16 units (AMX or AVX512-BF16); OpenVINO reports {capabilities}"
+            "precision 'bf16' needs a CPU with bf16 units (AMX or AVX512-BF16); OpenVINO reports "
+            f"{_capabilities(device)}"
         )
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
@@ -464,6 +464,20 @@ def _openvino_session(path: Path, precision: str, threads: int) -> ort.Inference
     if session.get_providers()[0] != OPENVINO:
         raise ProviderError(f"provider='openvino' requested but onnxruntime activated {session.get_providers()}")
     return session
+
+
+def openvino_installed() -> bool:
+    """The onnxruntime-ep-openvino plugin can be imported (pal-rm[serve] installs it on Linux x86_64)."""
+    return importlib.util.find_spec(_OPENVINO_PLUGIN) is not None
+
+
+def openvino_runs_bf16(device: ort.OrtEpDevice | None = None) -> bool:
+    """OpenVINO's CPU device has bf16 units (AMX or AVX512-BF16), so precision 'bf16' can run."""
+    return "BF16" in _capabilities(device or openvino_cpu_device())
+
+
+def _capabilities(device: ort.OrtEpDevice) -> list[str]:
+    return device.ep_metadata.get("OPTIMIZATION_CAPABILITIES", "").split()
 
 
 def openvino_cpu_device() -> ort.OrtEpDevice:

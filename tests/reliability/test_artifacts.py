@@ -8,7 +8,6 @@ reader, the torch loader, export, and `pal serve` as a real process.
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import io
 import pickle
 import shutil
@@ -23,6 +22,7 @@ import pytest
 from models import bundle as B
 from models import checkpoint as C
 from models.bundle import BundleError
+from models.scorer import openvino_installed
 from tests.reliability.procs import REPO
 from tests.scorer.factory import copy_bundle
 
@@ -77,7 +77,7 @@ BUNDLE_TARGETS = [
 
 @pytest.mark.parametrize("target", BUNDLE_TARGETS)
 def test_pickle_planted_in_a_bundle_is_refused_without_running_it(target: str, bundle: Path, tmp_path: Path) -> None:
-    if target == B.GRAPH_PORTABLE and importlib.util.find_spec("onnxruntime_ep_openvino") is None:
+    if target == B.GRAPH_PORTABLE and not openvino_installed():
         pytest.skip("the portable graph is read by the OpenVINO provider, whose plugin is not installed")
     marker = tmp_path / "PWNED"
     for kind, data in _pickles(marker).items():

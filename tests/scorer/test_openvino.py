@@ -3,7 +3,6 @@ stays close to fp32, and every way it cannot start is a clear error at load."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -13,11 +12,11 @@ import pytest
 
 from models import bundle as B
 from models.bundle import BundleError
-from models.scorer import OPENVINO, ProviderError, Scorer, openvino_cpu_device
+from models.scorer import OPENVINO, ProviderError, Scorer, openvino_installed, openvino_runs_bf16
 from tests.scorer.factory import copy_bundle
 from tests.scorer.test_parity import PROMPTS, RESPONSES, _torch_rewards, _user_weights
 
-if importlib.util.find_spec("onnxruntime_ep_openvino") is None:
+if not openvino_installed():
     pytest.skip(
         "onnxruntime-ep-openvino is not installed (pal-rm[serve] installs it on Linux x86_64)", allow_module_level=True
     )
@@ -60,8 +59,7 @@ def test_truncation_flags_do_not_depend_on_the_provider(
 
 
 def test_bf16_stays_close_to_fp32_or_is_refused(bundles: dict[str, Path], openvino: dict[str, Scorer]) -> None:
-    capabilities = openvino_cpu_device().ep_metadata.get("OPTIMIZATION_CAPABILITIES", "").split()
-    if "BF16" not in capabilities:
+    if not openvino_runs_bf16():
         with pytest.raises(ProviderError, match="bf16"):
             Scorer.load(bundles["B"], provider="openvino", precision="bf16")
         return

@@ -3,12 +3,12 @@ in /info, and scores like the parity-tested CPU scorer."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from models.scorer import openvino_installed, openvino_runs_bf16
 from service.config import Settings
 from tests.service.conftest import running_app
 
@@ -18,20 +18,16 @@ PROMPTS = ["Say hi", "Plan a weekend.", "Explain photosynthesis briefly."]
 RESPONSES = ["Hello there!", "A long hike, then a slow dinner with friends.", "Plants turn light into sugar."]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("onnxruntime_ep_openvino") is None, reason="onnxruntime-ep-openvino is not installed"
-)
+@pytest.mark.skipif(not openvino_installed(), reason="onnxruntime-ep-openvino is not installed")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 async def test_service_serves_on_openvino_as_configured(
     precision: str, tmp_path: Path, bundle_b: Path, scorer_b
 ) -> None:
-    from models.scorer import openvino_cpu_device
-
     settings = Settings(
         bundle_dir=bundle_b, redis_data_dir=tmp_path / "redis", provider="openvino", precision=precision,
         intra_op_threads=1,
     )
-    if precision == "bf16" and "BF16" not in openvino_cpu_device().ep_metadata.get("OPTIMIZATION_CAPABILITIES", ""):
+    if precision == "bf16" and not openvino_runs_bf16():
         with pytest.raises(RuntimeError, match="bf16"):  # the load error, reported instead of serving at fp32
             async with running_app(settings):
                 pass
