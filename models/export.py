@@ -23,6 +23,7 @@ from torch import nn
 from models import bundle as B
 from models.checkpoint import MODEL_FILE, USER_IDS_FILE, USERS_FILE, load_model
 from models.config import EncoderSpec
+from models.embedder import ENCODER_GRAPH, ENCODER_SPEC_FILE
 from models.encoder import PooledEncoder, load_tokenizer
 from models.pal import PALHead
 
@@ -301,7 +302,7 @@ def _self_check_batch(tokenizer, spec: EncoderSpec) -> tuple[torch.Tensor, torch
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _torch_export(graph: ScoringGraph, ids: torch.Tensor, mask: torch.Tensor, path: Path, outputs: list[str]) -> None:
+def _torch_export(graph: nn.Module, ids: torch.Tensor, mask: torch.Tensor, path: Path, outputs: list[str]) -> None:
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     axes.update({name: {0: "batch"} for name in outputs})
     with warnings.catch_warnings():
@@ -347,3 +348,49 @@ def _max_diff(path: Path, ids: torch.Tensor, mask: torch.Tensor, reference: list
 
 def _scale(reference: list[np.ndarray]) -> float:
     return float(max(np.abs(r).max() for r in reference))
+
+
+# --- the encoder alone, for training's embedding stage (models.embedder) -------------------------------------------
+
+EMBEDDING_OUTPUT = "embedding"
+
+
+def export_encoder(spec: EncoderSpec, out: str | Path) -> Path:
+    """Write the pooled encoder alone (token ids + mask -> embedding) as an ONNX graph with its tokenizer, for
+    embedding training data with onnxruntime (CUDA when present) instead of torch. The graph is onnxruntime's fused
+    one for BERT-style encoders (checked against torch like a bundle's), the plain export for decoders. Written to
+    a temporary folder and renamed, so a concurrent reader sees the whole export or none."""
+    out = Path(out)
+    if (out / ENCODER_SPEC_FILE).is_file():
+        return out
+    encoder = PooledEncoder(spec, attn_implementation="eager").eval()
+    tokenizer = load_tokenizer(spec)
+    tokenizer.truncation_side = spec.truncation_side
+    ids, mask = _self_check_batch(tokenizer, spec)
+    with torch.no_grad():
+        reference = [encoder(ids, mask).numpy()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        raw = work / "raw.onnx"
+        _torch_export(encoder, ids, mask, raw, [EMBEDDING_OUTPUT])
+        if spec.pooling == "last":
+            raw.rename(work / ENCODER_GRAPH)
+        else:
+            optimized, _ = _optimize(raw, encoder)
+            optimized.save_model_to_file(str(work / ENCODER_GRAPH))
+            raw.unlink()
+        diff = _max_diff(work / ENCODER_GRAPH, ids, mask, reference)
+        if diff > FP32_TOLERANCE:
+            raise ExportError(f"exported encoder graph differs from torch by {diff:.2e} > {FP32_TOLERANCE}")
+        tokenizer.save_pretrained(str(work / B.TOKENIZER_DIR))
+        (work / ENCODER_SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+        try:
+            work.rename(out)
+        except OSError:  # another process exported it first: theirs is as good
+            if not (out / ENCODER_SPEC_FILE).is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from models import bundle as B
 from models.bundle import BundleError, BundleMeta
 from models.cache import LRUCache
-from models.config import pair_text
+from models.config import EncoderSpec, pair_text
 from models.head import ComparisonFeatures, HeadParams, prototype_rewards, reward_a, reward_b
 from models.providers import ExecutionProvider, ProviderError, open_session
 
@@ -312,29 +312,13 @@ class Scorer:
         return (self.meta.version, digest, role)
 
     def _encode_ids(self, token_ids: list[list[int]]) -> list[np.ndarray]:
-        """Sort by length, run batches cut by the padded-token budget (rows padded to the batch's longest, rounded
-        up to the width multiple); outputs in input order."""
-        lengths = np.array([len(ids) for ids in token_ids])
-        order = np.argsort(-lengths, kind="stable")
-        widths = _padded_widths(lengths, self.width_multiple, self.meta.encoder.max_length)
-        results: list[list[np.ndarray]] = []
-        positions: list[np.ndarray] = []
-        for batch in _token_budget_batches(widths[order], self.max_batch_tokens, self.pad_tolerance):
-            idx = order[batch]
-            width = int(widths[idx].max())
-            ids = np.full((len(idx), width), self._pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for row, j in enumerate(idx):
-                ids[row, : lengths[j]] = token_ids[j]
-                mask[row, : lengths[j]] = 1
-            results.append(self._run(ids, mask))
-            positions.append(idx)
-        inverse = np.empty(len(token_ids), dtype=np.int64)
-        inverse[np.concatenate(positions)] = np.arange(len(token_ids))
-        outputs = [np.concatenate([r[o] for r in results])[inverse] for o in range(len(results[0]))]
+        outputs, n_batches = encode_token_ids(
+            token_ids, self._run, self._pad_id, self.width_multiple, self.meta.encoder.max_length,
+            self.max_batch_tokens, self.pad_tolerance,
+        )
         with self._stats_lock:
             self._encoded += len(token_ids)
-            self._batches += len(results)
+            self._batches += n_batches
         return outputs
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
@@ -368,6 +352,38 @@ class Scorer:
             ) from e
 
 
+def encode_token_ids(
+    token_ids: list[list[int]],
+    run: Callable[[np.ndarray, np.ndarray], list[np.ndarray]],
+    pad_id: int,
+    width_multiple: int,
+    max_length: int,
+    budget: int,
+    pad_tolerance: int | None,
+) -> tuple[list[np.ndarray], int]:
+    """Sort by length, run batches cut by the padded-token budget (rows padded to the batch's longest, rounded up to
+    the width multiple); (outputs in input order, number of batches). Shared by the scorer and training's ONNX
+    embedder (models.embedder), so both batch and pad exactly alike."""
+    lengths = np.array([len(ids) for ids in token_ids])
+    order = np.argsort(-lengths, kind="stable")
+    widths = _padded_widths(lengths, width_multiple, max_length)
+    results: list[list[np.ndarray]] = []
+    positions: list[np.ndarray] = []
+    for batch in _token_budget_batches(widths[order], budget, pad_tolerance):
+        idx = order[batch]
+        width = int(widths[idx].max())
+        ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        for row, j in enumerate(idx):
+            ids[row, : lengths[j]] = token_ids[j]
+            mask[row, : lengths[j]] = 1
+        results.append(run(ids, mask))
+        positions.append(idx)
+    inverse = np.empty(len(token_ids), dtype=np.int64)
+    inverse[np.concatenate(positions)] = np.arange(len(token_ids))
+    return [np.concatenate([r[o] for r in results])[inverse] for o in range(len(results[0]))], len(results)
+
+
 def _padded_widths(lengths: np.ndarray, multiple: int, cap: int) -> np.ndarray:
     """Each row's padded width: its length rounded up to `multiple`, never past `cap` (the encoder's max_length:
     positions beyond it need not exist) nor below the length itself."""
@@ -394,7 +410,12 @@ def _token_budget_batches(
 
 
 def _load_tokenizer(directory: Path, meta: BundleMeta) -> tuple[Tokenizer, int]:
-    """The exported tokenizer with the bundle's truncation applied exactly as training's HF tokenizer does it."""
+    return load_tokenizer_dir(directory, meta.encoder)
+
+
+def load_tokenizer_dir(directory: Path, spec: EncoderSpec) -> tuple[Tokenizer, int]:
+    """The exported tokenizer (`directory`/tokenizer) with the encoder's truncation applied exactly as training's HF
+    tokenizer does it, and its pad id."""
     path = directory / B.TOKENIZER_DIR / B.TOKENIZER_FILE
     if not path.is_file():
         raise BundleError(f"bundle {directory} has no {B.TOKENIZER_DIR}/{B.TOKENIZER_FILE}")
@@ -403,7 +424,7 @@ def _load_tokenizer(directory: Path, meta: BundleMeta) -> tuple[Tokenizer, int]:
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise BundleError(f"{path} is not a readable tokenizer: {e}") from e
     tokenizer.no_padding()  # padding is per batch, to the batch's longest row
-    tokenizer.enable_truncation(max_length=meta.encoder.max_length, direction=meta.encoder.truncation_side)
+    tokenizer.enable_truncation(max_length=spec.max_length, direction=spec.truncation_side)
     pad_token = "[PAD]"
     config = directory / B.TOKENIZER_DIR / "tokenizer_config.json"
     if config.is_file():
