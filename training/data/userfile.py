@@ -28,6 +28,7 @@ from training.data.schema import Comparison, PreferenceSplits, by_user
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MAX_REPORTED_ERRORS = 20
+PARQUET_BATCH_ROWS = 8192
 
 
 class PreferenceFileError(ValueError):
@@ -85,8 +86,12 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError as e:  # pragma: no cover - pyarrow is in the train extra
             raise PreferenceFileError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}:row {i}", row
+        # Record batches: memory holds one batch, not the file (training.shards streams files of any size).
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                i += 1
+                yield f"{path}:row {i}", row
 
 
 def _as_messages(value: Any) -> Any:
@@ -134,17 +139,15 @@ def _texts(row: Mapping[str, Any], renderer: ChatRenderer) -> tuple[str, str, st
     return p, c, r
 
 
-def read_preference_file(
+def validated_rows(
     path: str | Path, user_column: str = "user_id", renderer: ChatRenderer | None = None
-) -> list[Comparison]:
-    """Every row of the file as a Comparison, in file order; raises PreferenceFileError listing bad rows."""
+) -> Iterator[tuple[str, Comparison | str]]:
+    """(location, Comparison) for each good row and (location, what is wrong) for each bad one, in file order,
+    reading the file as a stream (one line, or one Parquet record batch, at a time)."""
     path = Path(path)
     if not path.is_file():
         raise PreferenceFileError(f"{path}: no such file")
     renderer = renderer or ChatRenderer()
-    out: list[Comparison] = []
-    errors: list[str] = []
-    n_errors = 0
     for where, row in _rows(path):
         try:
             if isinstance(row, str):
@@ -154,61 +157,130 @@ def read_preference_file(
             user = row.get(user_column)
             if isinstance(user, bool) or not isinstance(user, str | int) or str(user).strip() == "":
                 raise ValueError(f"user column {user_column!r} is missing or empty (set another with --user-column)")
-            out.append(Comparison(str(user).strip(), *_texts(row, renderer)))
+            yield where, Comparison(str(user).strip(), *_texts(row, renderer))
         except ValueError as e:
-            n_errors += 1
-            if len(errors) < MAX_REPORTED_ERRORS:
-                errors.append(f"{where}: {e}")
-    if errors:
-        more = f"\n... and {n_errors - len(errors)} more" if n_errors > len(errors) else ""
-        raise PreferenceFileError(f"{n_errors} invalid row(s):\n" + "\n".join(errors) + more)
+            yield where, str(e)
+
+
+class ErrorReport:
+    """Collects bad rows and raises one PreferenceFileError listing the first MAX_REPORTED_ERRORS of them."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.count = 0
+
+    def add(self, where: str, error: str) -> None:
+        self.count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(f"{where}: {error}")
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            more = f"\n... and {self.count - len(self.errors)} more" if self.count > len(self.errors) else ""
+            raise PreferenceFileError(f"{self.count} invalid row(s):\n" + "\n".join(self.errors) + more)
+
+
+def read_preference_file(
+    path: str | Path, user_column: str = "user_id", renderer: ChatRenderer | None = None
+) -> list[Comparison]:
+    """Every row of the file as a Comparison, in file order; raises PreferenceFileError listing bad rows."""
+    out: list[Comparison] = []
+    report = ErrorReport()
+    for where, row in validated_rows(path, user_column, renderer):
+        if isinstance(row, str):
+            report.add(where, row)
+        else:
+            out.append(row)
+    report.raise_if_any()
     if not out:
         raise PreferenceFileError(f"{path}: no comparisons")
     return out
 
 
-def _split(items: list[Comparison], fractions: Sequence[float], rng: np.random.Generator) -> list[list[Comparison]]:
-    """Shuffle and cut into len(fractions) + 1 parts; the last part gets the rest."""
-    order = [items[i] for i in rng.permutation(len(items))]
+def file_sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MB chunks (a multi-GB file never sits in memory)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+SPLIT_PARTS = ("train", "val", "test", "pool", "utest")  # seen_train, seen_val, seen_test, unseen_pool, unseen_test
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Where each user's rows go, computed from row counts alone (so a file streamed twice splits exactly as the
+    same file read into a list): `parts[user]` is [(part, positions)], positions index the user's rows in file
+    order, in the order they enter that part. Users enter each part in sorted order."""
+
+    seen: list[str]
+    unseen: list[str]
+    parts: dict[str, list[tuple[str, np.ndarray]]]
+
+    def sizes(self) -> dict[str, int]:
+        out = dict.fromkeys(SPLIT_PARTS, 0)
+        for entries in self.parts.values():
+            for part, pos in entries:
+                out[part] += len(pos)
+        return out
+
+
+def _cut(n: int, fractions: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle range(n) and cut into len(fractions) + 1 parts; the last part gets the rest."""
+    order = rng.permutation(n)
     parts, start = [], 0
     for f in fractions:
-        n = int(round(f * len(items)))
-        parts.append(order[start : start + n])
-        start += n
+        k = int(round(f * n))
+        parts.append(order[start : start + k])
+        start += k
     parts.append(order[start:])
     return parts
 
 
-def make_splits(comparisons: list[Comparison], p: SplitParams, name: str, info: dict[str, Any]) -> PreferenceSplits:
+def split_plan(counts: Mapping[str, int], p: SplitParams) -> SplitPlan:
     """Seen/unseen users and their pairs, reproducibly from `p.seed` (users sorted first, so file order of users
     does not matter; each user's pairs keep no order beyond the seeded shuffle)."""
-    users = by_user(comparisons)
-    ids = sorted(users)
+    ids = sorted(counts)
     rng = np.random.default_rng(p.seed)
     n_unseen = int(round(p.unseen_fraction * len(ids)))
     if p.unseen_fraction > 0 and len(ids) >= 2:
         n_unseen = min(max(n_unseen, 1), len(ids) - 1)  # at least one of each when there are two users
     order = [ids[i] for i in rng.permutation(len(ids))]
     unseen, seen = sorted(order[:n_unseen]), sorted(order[n_unseen:])
-    parts: dict[str, list[Comparison]] = {s: [] for s in ("train", "val", "test", "pool", "utest")}
+    parts: dict[str, list[tuple[str, np.ndarray]]] = {}
     for u in seen:
-        rows = users[u]
-        val, test, train = _split(rows, (p.val_fraction, p.test_fraction), rng)
-        if not train:  # a user with one or two pairs: train on them rather than drop the user
-            train, val, test = rows, [], []
-        parts["train"] += train
-        parts["val"] += val
-        parts["test"] += test
+        val, test, train = _cut(counts[u], (p.val_fraction, p.test_fraction), rng)
+        if not len(train):  # a user with one or two pairs: train on them rather than drop the user
+            train, val, test = np.arange(counts[u]), val[:0], test[:0]
+        parts[u] = [("train", train), ("val", val), ("test", test)]
     for u in unseen:
-        pool, utest = _split(users[u], (p.pool_fraction,), rng)
-        parts["pool"] += pool
-        parts["utest"] += utest
-    if not parts["val"]:
+        pool, utest = _cut(counts[u], (p.pool_fraction,), rng)
+        parts[u] = [("pool", pool), ("utest", utest)]
+    return SplitPlan(seen, unseen, parts)
+
+
+def check_plan(plan: SplitPlan, n_comparisons: int, source: str) -> None:
+    if not plan.sizes()["val"]:
         raise PreferenceFileError(
-            f"{info.get('source', name)}: too few comparisons per user for a validation split "
-            f"({len(comparisons)} comparisons, {len(ids)} users); add data or raise the validation fraction"
+            f"{source}: too few comparisons per user for a validation split "
+            f"({n_comparisons} comparisons, {len(plan.seen) + len(plan.unseen)} users); add data or raise the "
+            "validation fraction"
         )
-    splits = PreferenceSplits(
+
+
+def make_splits(comparisons: list[Comparison], p: SplitParams, name: str, info: dict[str, Any]) -> PreferenceSplits:
+    """The comparisons cut by split_plan."""
+    users = by_user(comparisons)
+    plan = split_plan({u: len(rows) for u, rows in users.items()}, p)
+    check_plan(plan, len(comparisons), info.get("source", name))
+    parts: dict[str, list[Comparison]] = {s: [] for s in SPLIT_PARTS}
+    for u in plan.seen + plan.unseen:
+        rows = users[u]
+        for part, pos in plan.parts[u]:
+            parts[part] += [rows[i] for i in pos]
+    return PreferenceSplits(
         name=name,
         seen_train=parts["train"],
         seen_val=parts["val"],
@@ -217,7 +289,6 @@ def make_splits(comparisons: list[Comparison], p: SplitParams, name: str, info: 
         unseen_test=parts["utest"],
         info={**info, "builder": "file", "split": asdict(p)},
     )
-    return splits
 
 
 def load_preference_splits(
@@ -229,10 +300,9 @@ def load_preference_splits(
     """read_preference_file + make_splits, recording the file's sha256 so a checkpoint names its exact data."""
     path = Path(path)
     comparisons = read_preference_file(path, user_column, renderer)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     info = {
         "source": str(path),
-        "sha256": digest,
+        "sha256": file_sha256(path),
         "format": file_format(path),
         "user_column": user_column,
         "rows": len(comparisons),
