@@ -6,6 +6,7 @@ has no prompt input (a zero-width prompt array). Each unique text is embedded on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +18,11 @@ from training.embed import Embedder
 
 @dataclass(frozen=True)
 class EncodedComparisons:
-    users: list[str]  # user id of each comparison
-    prompt_vecs: np.ndarray  # (P, prompt_dim) unique prompt embeddings
-    item_vecs: np.ndarray  # (I, item_dim) unique item (PAL-B) or pair (PAL-A) embeddings
+    users: Sequence[str]  # user id of each comparison
+    # (P, prompt_dim) unique prompt embeddings and (I, item_dim) unique item (PAL-B) or pair (PAL-A) embeddings:
+    # arrays, or a memory-mapped table that gathers rows on indexing (training.shards.ShardedVectors)
+    prompt_vecs: np.ndarray
+    item_vecs: np.ndarray
     prompt_idx: np.ndarray  # (n,) rows of prompt_vecs
     chosen_idx: np.ndarray  # (n,) rows of item_vecs
     rejected_idx: np.ndarray  # (n,)
@@ -36,6 +39,19 @@ class EncodedComparisons:
             self.prompt_idx[idx],
             self.chosen_idx[idx],
             self.rejected_idx[idx],
+        )
+
+    def in_memory(self) -> EncodedComparisons:
+        """Itself when its tables are arrays; else a copy holding only the rows its comparisons use, as arrays (for
+        code that maps a whole table, e.g. few-shot feature tables, on a sample of a large memory-mapped split)."""
+        if isinstance(self.item_vecs, np.ndarray) and isinstance(self.prompt_vecs, np.ndarray):
+            return self
+        prompts, prompt_idx = np.unique(self.prompt_idx, return_inverse=True)
+        items, inverse = np.unique(np.concatenate([self.chosen_idx, self.rejected_idx]), return_inverse=True)
+        n = len(self)
+        return EncodedComparisons(
+            list(self.users), self.prompt_vecs[prompts], self.item_vecs[items], prompt_idx.reshape(-1),
+            inverse[:n], inverse[n:],
         )
 
     def user_rows(self) -> dict[str, np.ndarray]:

@@ -96,7 +96,8 @@ def _validation_users(
     users = [users[i] for i in np.random.default_rng(0).permutation(len(users))[:max_users]]
     pool_idx = np.concatenate([np.random.default_rng(i).permutation(rows[u]) for i, u in enumerate(users)])
     val_idx = np.concatenate([seen_val.user_rows()[u] for u in users])
-    return seen_train.rows(pool_idx), seen_val.rows(val_idx)
+    # A few users' rows: as arrays even when the split's table is memory-mapped (training.shards).
+    return seen_train.rows(pool_idx).in_memory(), seen_val.rows(val_idx).in_memory()
 
 
 def validation_fewshot_score(

@@ -50,26 +50,37 @@ class TrainResult:
 
 
 class Batches:
-    """Tensors of an encoded split, with comparisons of unknown users dropped."""
+    """Index arrays of an encoded split, with comparisons of unknown users dropped. Embedding rows are gathered per
+    batch, so the table may be a memory-mapped one (training.shards.ShardedVectors) that never sits in memory."""
 
     def __init__(self, enc: EncodedComparisons, user_index: dict[str, int]) -> None:
-        keep = np.asarray([u in user_index for u in enc.users], dtype=bool)
-        rows = np.flatnonzero(keep)
+        codes = np.fromiter((user_index.get(u, -1) for u in enc.users), dtype=np.int64, count=len(enc.users))
+        rows = np.flatnonzero(codes >= 0)
         self.n = len(rows)
-        self.prompt_vecs = torch.from_numpy(np.asarray(enc.prompt_vecs, dtype=np.float32))
-        self.item_vecs = torch.from_numpy(np.asarray(enc.item_vecs, dtype=np.float32))
-        self.prompt_idx = torch.from_numpy(enc.prompt_idx[rows])
-        self.chosen_idx = torch.from_numpy(enc.chosen_idx[rows])
-        self.rejected_idx = torch.from_numpy(enc.rejected_idx[rows])
-        self.user_idx = torch.as_tensor([user_index[enc.users[i]] for i in rows], dtype=torch.long)
+        self.prompt_vecs = _float32(enc.prompt_vecs)
+        self.item_vecs = _float32(enc.item_vecs)
+        self.prompt_idx = np.asarray(enc.prompt_idx)[rows]
+        self.chosen_idx = np.asarray(enc.chosen_idx)[rows]
+        self.rejected_idx = np.asarray(enc.rejected_idx)[rows]
+        self.user_idx = torch.from_numpy(codes[rows])
 
     def margin(self, model: PALModel, sel: torch.Tensor | slice) -> torch.Tensor:
+        at = sel.numpy() if isinstance(sel, torch.Tensor) else sel
         return model.margin(
-            self.prompt_vecs[self.prompt_idx[sel]],
-            self.item_vecs[self.chosen_idx[sel]],
-            self.item_vecs[self.rejected_idx[sel]],
+            _gather(self.prompt_vecs, self.prompt_idx[at]),
+            _gather(self.item_vecs, self.chosen_idx[at]),
+            _gather(self.item_vecs, self.rejected_idx[at]),
             self.user_idx[sel],
         )
+
+
+def _float32(vecs: Any) -> Any:
+    """In-memory tables become float32 once (as training always used them); a memory-mapped one stays on disk."""
+    return np.asarray(vecs, dtype=np.float32) if isinstance(vecs, np.ndarray) else vecs
+
+
+def _gather(vecs: Any, rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(vecs[rows], dtype=np.float32))
 
 
 def accuracy_of_margins(m: np.ndarray | torch.Tensor) -> float:
