@@ -77,14 +77,43 @@ def train(
     pooling: Annotated[
         str | None, typer.Option(help="mean | cls | last (default: last for decoder-only models, else mean)")
     ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            help="--data FILE: stream it through an on-disk cache (ONNX embedding in shards, resumable; the head "
+            "trains from memory-mapped rows): memory does not grow with the file. Same splits as without."
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="--stream: the cache directory (default: under $PAL_CACHE_DIR/stream)")
+    ] = None,
+    provider: Annotated[str, typer.Option(help="--stream: embedding provider, auto | cuda | cpu")] = "auto",
 ) -> None:
     """Train one PAL model on a preset, your preference file, or JSONL splits, and save a checkpoint."""
     from training.pipeline import dumps, train_one
 
+    if stream:
+        if data is None or not data.is_file():
+            typer.echo("train failed: --stream needs --data FILE (a .jsonl, .csv or .parquet file)", err=True)
+            raise typer.Exit(1)
+        typer.echo(dumps(_stream_command(data, out, k, seed, encoder, user_column, pooling, cache_dir, provider)))
+        return
     if data is not None and data.is_file():
         typer.echo(dumps(_file_command("train", data, out, k, seed, encoder, user_column, pooling)))
         return
     typer.echo(dumps(train_one(preset, out, k, seed, encoder, data)))
+
+
+def _stream_command(data: Path, out: Path, k: int, seed: int, encoder: str, user_column: str, pooling: str | None,
+                    cache_dir: Path | None, provider: str) -> dict:  # fmt: skip
+    from training.data.userfile import PreferenceFileError
+    from training.stream import train_stream
+
+    try:
+        return train_stream(data, out, k, seed, encoder, user_column, pooling, cache_dir, provider)
+    except PreferenceFileError as e:
+        typer.echo(f"train failed: {e}", err=True)
+        raise typer.Exit(1) from e
 
 
 def _file_command(what: str, data: Path, out: Path, k: int, seed: int, encoder: str, user_column: str,

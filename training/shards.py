@@ -97,10 +97,14 @@ class _TextTable:
         self.pending = []
 
 
-def cache_key(path: Path, user_column: str, params: SplitParams, shard_rows: int, renderer: ChatRenderer) -> dict:
-    """What the cache's texts and index depend on: the same key reuses a finished cache."""
+def cache_key(
+    path: Path, user_column: str, params: SplitParams, shard_rows: int, renderer: ChatRenderer, encoder: str
+) -> dict:
+    """What the cache depends on (texts and index: the file and split; vectors: the encoder): the same key reuses a
+    finished cache."""
     return {
         "format": FORMAT,
+        "encoder": encoder,
         "source": str(path),
         "sha256": file_sha256(path),
         "user_column": user_column,
@@ -117,23 +121,28 @@ def build_cache(
     params: SplitParams | None = None,
     renderer: ChatRenderer | None = None,
     shard_rows: int = SHARD_ROWS,
+    encoder: str = "",
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Stream the file into `cache` (texts and index; see the module doc) unless a complete cache of the same file
-    and split is there; returns its meta. Raises PreferenceFileError listing bad rows as file:line, as
+    """Stream the file into `cache` (texts and index; see the module doc) unless a complete cache of the same file,
+    split and encoder (`encoder`: a key naming it) is there; returns its meta. A complete cache of something else is
+    replaced if `replace`, else refused. Raises PreferenceFileError listing bad rows as file:line, as
     `pal train --data FILE` does, before anything is written."""
     path, cache = Path(path), Path(cache)
     if not path.is_file():
         raise PreferenceFileError(f"{path}: no such file")
     file_format(path)
     params, renderer = params or SplitParams(), renderer or ChatRenderer()
-    key = cache_key(path, user_column, params, shard_rows, renderer)
+    key = cache_key(path, user_column, params, shard_rows, renderer, encoder)
     meta = read_meta(cache)
     if meta is not None and all(meta.get(k) == v for k, v in key.items()):
         return meta
-    if meta is not None:
+    if meta is not None and replace:
+        (cache / META_FILE).unlink()
+    elif meta is not None:
         raise PreferenceFileError(
-            f"{cache} holds a cache of {meta.get('source')} (sha256 {str(meta.get('sha256'))[:12]}, other split or "
-            "shard size); remove it or choose another cache directory"
+            f"{cache} holds a cache of {meta.get('source')} (sha256 {str(meta.get('sha256'))[:12]}; another file, "
+            "split, shard size or encoder); remove it or choose another cache directory"
         )
     # Pass 1: validate every row (all errors at once, as the in-memory reader) and count rows per user.
     counts: dict[str, int] = {}
