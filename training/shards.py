@@ -125,8 +125,8 @@ def build_cache(
     replace: bool = False,
 ) -> dict[str, Any]:
     """Stream the file into `cache` (texts and index; see the module doc) unless a complete cache of the same file,
-    split and encoder (`encoder`: a key naming it) is there; returns its meta. A complete cache of something else is
-    replaced if `replace`, else refused. Raises PreferenceFileError listing bad rows as file:line, as
+    split and encoder (`encoder`: its EncoderSpec as JSON) is there; returns its meta. A complete cache of something
+    else is replaced if `replace`, else refused. Raises PreferenceFileError listing bad rows as file:line, as
     `pal train --data FILE` does, before anything is written."""
     path, cache = Path(path), Path(cache)
     if not path.is_file():

@@ -77,7 +77,7 @@ def prepare_cache(
 
     cache = cache_dir or default_cache_dir(path, spec)
     meta = build_cache(
-        path, cache, user_column, SplitParams(seed=seed), chat_renderer(spec), encoder=encoder_key(spec),
+        path, cache, user_column, SplitParams(seed=seed), chat_renderer(spec), encoder=spec.model_dump_json(),
         replace=cache_dir is None,
     )
     if embed:
