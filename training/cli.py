@@ -92,28 +92,14 @@ def train(
     """Train one PAL model on a preset, your preference file, or JSONL splits, and save a checkpoint."""
     from training.pipeline import dumps, train_one
 
-    if stream:
-        if data is None or not data.is_file():
-            typer.echo("train failed: --stream needs --data FILE (a .jsonl, .csv or .parquet file)", err=True)
-            raise typer.Exit(1)
-        typer.echo(dumps(_stream_command(data, out, k, seed, encoder, user_column, pooling, cache_dir, provider)))
-        return
+    if stream and (data is None or not data.is_file()):
+        typer.echo("train failed: --stream needs --data FILE (a .jsonl, .csv or .parquet file)", err=True)
+        raise typer.Exit(1)
     if data is not None and data.is_file():
-        typer.echo(dumps(_file_command("train", data, out, k, seed, encoder, user_column, pooling)))
+        kw = {"stream": True, "cache_dir": cache_dir, "provider": provider} if stream else {}
+        typer.echo(dumps(_file_command("train", data, out, k, seed, encoder, user_column, pooling, **kw)))
         return
     typer.echo(dumps(train_one(preset, out, k, seed, encoder, data)))
-
-
-def _stream_command(data: Path, out: Path, k: int, seed: int, encoder: str, user_column: str, pooling: str | None,
-                    cache_dir: Path | None, provider: str) -> dict:  # fmt: skip
-    from training.data.userfile import PreferenceFileError
-    from training.stream import train_stream
-
-    try:
-        return train_stream(data, out, k, seed, encoder, user_column, pooling, cache_dir, provider)
-    except PreferenceFileError as e:
-        typer.echo(f"train failed: {e}", err=True)
-        raise typer.Exit(1) from e
 
 
 def _file_command(what: str, data: Path, out: Path, k: int, seed: int, encoder: str, user_column: str,
@@ -124,7 +110,7 @@ def _file_command(what: str, data: Path, out: Path, k: int, seed: int, encoder: 
 
     try:
         if what == "train":
-            return train_file(data, out, k, seed, encoder, user_column, pooling)
+            return train_file(data, out, k, seed, encoder, user_column, pooling, **kw)
         return evaluate_file(data, out, k, seed, encoder=encoder, user_column=user_column, pooling=pooling, **kw)
     except PreferenceFileError as e:
         typer.echo(f"{what} failed: {e}", err=True)

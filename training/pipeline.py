@@ -4,6 +4,7 @@ end-to-end service test use."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,20 +196,29 @@ def train_file(
     encoder: str = DEFAULT_ENCODER,
     user_column: str = "user_id",
     pooling: str | None = None,
+    stream: bool = False,
+    cache_dir: Path | None = None,
+    provider: str = "auto",
 ) -> dict[str, Any]:
-    """`pal train --data FILE`: split, train, save the checkpoint and its splits (in `<out>/splits`)."""
+    """`pal train --data FILE`: split, train, save the checkpoint and its splits (in `<out>/splits`). With `stream`,
+    through the on-disk cache instead (training.stream; the splits stay in the cache, as index arrays)."""
+    if stream:
+        from training.stream import train_stream
+
+        return train_stream(path, out, encoder_spec(encoder, pooling), k, seed, user_column, cache_dir, provider)
     exp = file_experiment(path, k, seed, encoder, user_column, pooling)
     print(dumps({"data": _describe_file_splits(exp.splits)}))
-    encs = encode_splits(exp)
+    return train_checkpoint(exp, k, encode_splits(exp), out, lambda: {"data": _save_splits(exp.splits, out / "splits")})
+
+
+def train_checkpoint(
+    exp: Experiment, k: int, encs: dict[str, Any], out: Path, extra: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Train, save the checkpoint with its seen-test accuracy, and say what was done (`extra()` after training)."""
     result, ckpt = train_and_save(exp, k, encs, out, True)
     acc = seen_accuracy(result, encs["seen_test"]) if len(encs["seen_test"]) else None
     update_metrics(ckpt, {"seen_test_accuracy": acc})
-    return {
-        "checkpoint": str(ckpt),
-        "data": _save_splits(exp.splits, out / "splits"),
-        **result.describe(),
-        "seen_test_accuracy": acc,
-    }
+    return {"checkpoint": str(ckpt), **extra(), **result.describe(), "seen_test_accuracy": acc}
 
 
 def evaluate_file(

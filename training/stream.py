@@ -15,16 +15,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from models.checkpoint import update_metrics
-from models.config import DEFAULT_ENCODER, EncoderSpec
+from models.config import EncoderSpec
 from training.data.schema import SPLITS
 from training.data.userfile import SplitParams
 from training.embed import cache_root, encoder_key
-from training.evaluate import train_and_save
-from training.pipeline import chat_renderer, encoder_spec
+from training.pipeline import chat_renderer, train_checkpoint
 from training.presets import Experiment, _text_pal, schedule
 from training.shards import build_cache, embed_shards, load_splits
-from training.train import seen_accuracy
 
 
 @dataclass(frozen=True)
@@ -92,11 +89,10 @@ def prepare_cache(
 def train_stream(
     path: Path,
     out: Path,
+    spec: EncoderSpec,
     k: int = 3,
     seed: int = 0,
-    encoder: str = DEFAULT_ENCODER,
     user_column: str = "user_id",
-    pooling: str | None = None,
     cache_dir: Path | None = None,
     provider: str = "auto",
     progress: bool = True,
@@ -104,20 +100,10 @@ def train_stream(
     """`pal train --data FILE --stream`: cache, embed, train from the memory-mapped cache, save the checkpoint."""
     from models.embedder import OnnxEncoder
 
-    spec = encoder_spec(encoder, pooling)
     cache, meta = prepare_cache(path, spec, seed, user_column, cache_dir, provider, progress=progress)
     emb = OnnxEncoder(encoder_graph_dir(spec), "cpu", threads=1)  # only for the head's dimensions and spec
     splits = CacheSplits(meta)
     exp = Experiment(splits.describe()["name"], splits, emb, _text_pal(emb, k), schedule("file", seed))  # type: ignore[arg-type]
-    encs = load_splits(cache)
-    result, ckpt = train_and_save(exp, k, encs, out, progress)
-    acc = seen_accuracy(result, encs["seen_test"]) if len(encs["seen_test"]) else None
-    update_metrics(ckpt, {"seen_test_accuracy": acc})
-    return {
-        "checkpoint": str(ckpt),
-        "cache": str(cache),
-        "data": {k: v for k, v in splits.describe().items() if k != "split"},
-        "embedding": meta.get("embedding"),
-        **result.describe(),
-        "seen_test_accuracy": acc,
-    }
+    info = {"cache": str(cache), "data": {k: v for k, v in splits.describe().items() if k != "split"},
+            "embedding": meta.get("embedding")}  # fmt: skip
+    return train_checkpoint(exp, k, load_splits(cache), out, lambda: info)
