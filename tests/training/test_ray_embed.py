@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # the `distributed` extra, which scripts/setup.sh installs: CI runs this test, never skips it
 
 from training.data.paths import REPO_ROOT
 from training.shards import build_cache, embed_shards, missing_shards, write_vectors
-
-ray = pytest.importorskip("ray", reason="the `distributed` extra (ray[data]) is installed by scripts/setup.sh")
 
 
 @pytest.fixture(scope="module")
