@@ -7,7 +7,7 @@ The cache directory must be on storage every node sees at the same path (NFS, a 
 `texts/NNNNN.parquet` and write `vectors/NNNNN.npy` there. Needs the `distributed` extra
 (`pip install "pal-rm[distributed]"`).
 
-    python -m training.ray_embed CACHE_DIR --actors 8 --gpus-per-actor 1 --address auto
+    python -m training.ray_embed CACHE_DIR --data FILE --actors 8 --gpus-per-actor 1 --address auto
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from models.config import DEFAULT_ENCODER
 from training.data.paths import REPO_ROOT
 from training.shards import missing_shards, read_meta, shard_texts, write_vectors
 
@@ -81,28 +82,31 @@ def embed_with_ray(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cache", type=Path, help="a cache built by `pal train --stream`")
-    parser.add_argument("--encoder-dir", type=Path, default=None, help="the ONNX encoder (default: export it here)")
+    parser.add_argument("cache", type=Path, help="the cache directory (as `pal train --stream --cache-dir`)")
+    parser.add_argument("--data", type=Path, default=None, help="build the cache from this file first (on this node)")
+    parser.add_argument("--seed", type=int, default=0, help="--data: the split seed (as `pal train --seed`)")
+    parser.add_argument("--user-column", default="user_id", help="--data: the column naming the user")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="--data: HF id or local path of the encoder")
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (and Ray CPUs) per actor")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--provider", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--address", default=None, help="Ray cluster address (`auto` on a cluster node)")
     args = parser.parse_args(argv)
-    encoder_dir = args.encoder_dir
-    if encoder_dir is None:
-        from models.config import EncoderSpec
-        from training.stream import encoder_graph_dir
+    from models.config import EncoderSpec
+    from training.pipeline import encoder_spec
+    from training.stream import encoder_graph_dir, prepare_cache
 
-        meta = read_meta(args.cache)
-        if meta is None:
-            raise SystemExit(f"{args.cache} is not a complete training cache")
-        encoder_dir = encoder_graph_dir(EncoderSpec.model_validate_json(meta["encoder"]))
+    if args.data is not None:
+        prepare_cache(args.data, encoder_spec(args.encoder), args.seed, args.user_column, args.cache, embed=False)
+    meta = read_meta(args.cache)
+    if meta is None:
+        raise SystemExit(f"{args.cache} is not a complete training cache; pass --data FILE to build it")
+    encoder_dir = encoder_graph_dir(EncoderSpec.model_validate_json(meta["encoder"]))
     stats = embed_with_ray(
         args.cache, encoder_dir, args.actors, args.provider, args.threads, args.gpus_per_actor, address=args.address
     )
     print(json.dumps(stats, indent=2))
-
 
 if __name__ == "__main__":
     main()
