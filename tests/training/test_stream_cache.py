@@ -58,8 +58,14 @@ def test_bad_rows_are_listed_as_file_lines_and_nothing_is_written(tmp_path: Path
 
 
 def test_parquet_is_read_in_record_batches_with_row_numbers_kept(tmp_path: Path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
     from training.data import userfile
 
+    def whole_file(*args, **kwargs):
+        raise AssertionError("the whole Parquet file was read into memory")
+
+    monkeypatch.setattr(pq, "read_table", whole_file)
     monkeypatch.setattr(userfile, "PARQUET_BATCH_ROWS", 7)
     rows = preference_rows()
     rows[19] = {**rows[19], "rejected": rows[19]["chosen"]}
