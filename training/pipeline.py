@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import update_metrics
 from models.config import DEFAULT_ENCODER, EncoderSpec
 from training.data.persona import PersonaParams, build_persona
 from training.data.schema import Comparison, PreferenceSplits, by_user
@@ -44,9 +43,7 @@ def train_small_persona(
     emb = CachedEncoder(EncoderSpec(name_or_path=encoder))
     exp = Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("demo", seed))
     encs = encode_splits(exp)
-    result, ckpt = train_and_save(exp, k, encs, Path(out_dir), progress)
-    update_metrics(ckpt, {"seen_test_accuracy": seen_accuracy(result, encs["seen_test"])})
-    return ckpt
+    return train_and_save(exp, k, encs, Path(out_dir), progress)[1]
 
 
 def unseen_user_comparisons(seed: int = 0) -> dict[str, tuple[list[Comparison], list[Comparison]]]:
@@ -86,7 +83,6 @@ def train_one(
         exp = experiments(preset, seed, k, encoder)[0]
     encs = encode_splits(exp)
     result, ckpt = train_and_save(exp, k, encs, out, True)
-    update_metrics(ckpt, {"seen_test_accuracy": seen_accuracy(result, encs["seen_test"])})
     return {
         "checkpoint": str(ckpt),
         **result.describe(),
@@ -202,7 +198,6 @@ def train_file(
     encs = encode_splits(exp)
     result, ckpt = train_and_save(exp, k, encs, out, True)
     acc = seen_accuracy(result, encs["seen_test"]) if len(encs["seen_test"]) else None
-    update_metrics(ckpt, {"seen_test_accuracy": acc})
     return {
         "checkpoint": str(ckpt),
         "data": _save_splits(exp.splits, out / "splits"),
