@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.chat import ChatRenderer
 from service.config import Settings
 from service.engine import RewardEngine
-from service.errors import Busy, ServiceError
+from service.errors import Busy, ServiceError, error_response
 from service.guard import RequestGuard
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_conn import RedisHandle, connect
@@ -122,10 +122,6 @@ def _lifespan(settings: Settings, scorer: Scorer | None):
     return lifespan
 
 
-def _retry_after(settings: Settings) -> dict[str, str]:
-    return {"Retry-After": str(settings.retry_after_s)}
-
-
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,8 +138,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         if isinstance(exc, Busy):
             request.app.state.metrics.queue_full.inc()
-        headers = {**exc.headers, **(_retry_after(settings) if exc.retry else {})}
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers or None)
+        return error_response(exc, settings.retry_after_s)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:
