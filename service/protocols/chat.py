@@ -23,12 +23,12 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_engine, get_renderer, get_settings, get_shaper
 from service.engine import RewardEngine
+from service.errors import Invalid
 from service.objectives import validate as validate_objective
 from service.protocols.common import (
     ERROR_RESPONSES,
     NO_ASSISTANT,
     Pair,
-    as_422,
     conversation_pair,
     off_loop,
     reject_non_finite,
@@ -113,7 +113,7 @@ def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
         try:
             pair = _pair(renderer, item)
         except ChatFormatError as e:
-            raise as_422(e, f"items[{i}]") from e
+            raise Invalid(f"items[{i}]: {e}") from e
         if item.objective is not None:
             pair.objective = item.objective.to_objective()
         else:

@@ -23,11 +23,10 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from models.chat import ChatFormatError, ChatRenderer, message_role
+from models.chat import ChatRenderer, message_role
 from service.config import Settings
 from service.domain import ScoreItem, ScoreResult
 from service.engine import RewardEngine
-from service.errors import Invalid
 from service.objectives import Objective, ObjectiveError
 from service.objectives import validate as validate_objective
 from service.routes import until_disconnect
@@ -60,10 +59,6 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     429: {"model": ErrorBody, "description": "encoder queue full; retry after Retry-After seconds"},
     503: {"model": ErrorBody, "description": "model not loaded yet; retry after Retry-After seconds"},
 }
-
-
-def unprocessable(message: str) -> Invalid:
-    return Invalid(message)
 
 
 @dataclass
@@ -255,7 +250,3 @@ async def score_pairs(
             for reason in pair.flags:
                 engine.metrics.rlhf_flagged.labels(route, reason).inc()
     return Scored(results, rewards, [p.flags for p in pairs], version)
-
-
-def as_422(e: ChatFormatError, where: str) -> Invalid:
-    return unprocessable(f"{where}: {e}")

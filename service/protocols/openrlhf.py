@@ -35,19 +35,18 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_engine, get_renderer, get_settings, get_shaper
 from service.engine import RewardEngine
+from service.errors import Invalid
 from service.protocols.common import (
     ERROR_RESPONSES,
     QUERY_LEFT_TRUNCATED,
     QUERY_NOT_SPLIT,
     TEXT_CUT,
     Pair,
-    as_422,
     cut_text,
     off_loop,
     reject_non_finite,
     score_pairs,
     target_from_label,
-    unprocessable,
 )
 from service.schemas import check_count
 from service.shaping import RewardShaper, Shaping
@@ -79,7 +78,7 @@ def _as_list(value: object, n: int, name: str) -> list:
         return [None] * n
     values = value if isinstance(value, list) else [value]
     if len(values) != n:
-        raise unprocessable(f"'{name}' has {len(values)} entries but 'query' has {n}")
+        raise Invalid(f"'{name}' has {len(values)} entries but 'query' has {n}")
     return values
 
 
@@ -140,7 +139,7 @@ def _pairs(renderer: ChatRenderer, queries: list[str], prompts: list, limit: int
         try:
             pair = _pair(renderer, query, prompt)
         except ChatFormatError as e:
-            raise as_422(e, f"query[{i}]") from e
+            raise Invalid(f"query[{i}]: {e}") from e
         if cut:
             pair.flags.add(TEXT_CUT)
         pairs.append(pair)

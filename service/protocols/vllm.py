@@ -27,11 +27,11 @@ from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_engine, get_renderer, get_settings, get_shaper
 from service.engine import RewardEngine
+from service.errors import Invalid
 from service.protocols.common import (
     ERROR_RESPONSES,
     TEXT_CUT,
     Pair,
-    as_422,
     conversation_pair,
     cut_text,
     off_loop,
@@ -133,7 +133,7 @@ def _text_pairs(renderer: ChatRenderer, texts: list[str], limit: int) -> list[Pa
         try:
             pair = Pair(*renderer.pair_from_text(text))
         except ChatFormatError as e:
-            raise as_422(e, f"input[{i}]") from e
+            raise Invalid(f"input[{i}]: {e}") from e
         if cut:
             pair.flags.add(TEXT_CUT)
         pairs.append(pair)
@@ -146,5 +146,5 @@ def _message_pairs(renderer: ChatRenderer, conversations: list[list[MessageIn]])
         try:
             pairs.append(conversation_pair(renderer, as_dicts(conv)))
         except ChatFormatError as e:
-            raise as_422(e, f"messages[{i}]") from e
+            raise Invalid(f"messages[{i}]: {e}") from e
     return pairs
