@@ -82,7 +82,7 @@ def expected_head_shapes(cfg: PALConfig) -> dict[str, tuple[int, ...]]:
 def content_version(directory: str | Path, meta: CheckpointMeta | None = None) -> str:
     """Hash of everything that changes scores: the architecture, the parameters and the seen users.
 
-    meta: the config about to be written (write_weights seals it before config.json exists); by default the
+    meta: the config about to be written (save_checkpoint seals it before config.json exists); by default the
     one in the directory."""
     directory = Path(directory)
     fields = json.loads(meta.model_dump_json() if meta is not None else (directory / CONFIG_FILE).read_text())
@@ -93,17 +93,27 @@ def content_version(directory: str | Path, meta: CheckpointMeta | None = None) -
     return "pal-" + h.hexdigest()[:16]
 
 
-def write_weights(
+def write_config(directory: str | Path, meta: CheckpointMeta) -> None:
+    """The one writer of config.json. Prior strength and metrics do not change the version (content_version
+    hashes the architecture and the weight files), so they can be recorded after the version is sealed."""
+    (Path(directory) / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
+
+
+def save_checkpoint(
     directory: str | Path,
     model: PALModel,
     user_ids: list[str],
     encoder: EncoderSpec,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    *,
+    defer_config: bool = False,
 ) -> Checkpoint:
-    """Write a checkpoint's weight files and return it as read_checkpoint will read it, version sealed, but
-    without its config.json: training records what it learns from the saved model (prior strength, metrics)
-    in `meta` and then writes the config once, complete, with write_config."""
+    """Write a checkpoint and return it as read_checkpoint will read it.
+
+    defer_config: write the weight files only (the version is sealed all the same). Training records what it
+    learns from the saved model (prior strength, metrics) in `meta`, then writes config.json once, complete,
+    with write_config."""
     from models.pal import head_state  # torch only when saving from a torch model
 
     directory = Path(directory)
@@ -128,27 +138,9 @@ def write_weights(
         metrics=metrics or {},
     )
     meta.version = content_version(directory, meta)
+    if not defer_config:
+        write_config(directory, meta)
     return Checkpoint(meta=meta, head=head, user_ids=list(user_ids), user_logits=logits)
-
-
-def write_config(directory: str | Path, meta: CheckpointMeta) -> None:
-    """The one writer of config.json. Prior strength and metrics do not change the version (content_version
-    hashes the architecture and the weight files), so they can be recorded after the version is sealed."""
-    (Path(directory) / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
-
-
-def save_checkpoint(
-    directory: str | Path,
-    model: PALModel,
-    user_ids: list[str],
-    encoder: EncoderSpec,
-    training: dict[str, Any] | None = None,
-    metrics: dict[str, Any] | None = None,
-) -> CheckpointMeta:
-    """A complete checkpoint in one call (tests, benchmarks): the weights, then config.json."""
-    meta = write_weights(directory, model, user_ids, encoder, training, metrics).meta
-    write_config(directory, meta)
-    return meta
 
 
 def read_meta(directory: str | Path) -> CheckpointMeta:

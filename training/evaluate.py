@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import CONFIG_FILE, Checkpoint, CheckpointMeta, read_meta, write_config, write_weights
+from models.checkpoint import CONFIG_FILE, Checkpoint, CheckpointMeta, read_meta, save_checkpoint, write_config
 from models.pal import PALModel
 from training.data.schema import PreferenceSplits
 from training.encoded import EncodedComparisons, encode
@@ -24,6 +24,7 @@ from training.fewshot import (
     validation_fewshot_score,
     zero_shot_accuracy,
 )
+from training.plots import fewshot_axes, model_label
 from training.presets import Experiment, with_k
 from training.threads import limit_threads
 from training.train import TrainResult, config_dict, seen_accuracy, train_pal
@@ -72,13 +73,14 @@ def train_model(
     config.json is not written yet: the caller adds its own numbers to `meta` and writes it once (write_config)."""
     t0 = time.perf_counter()
     result = train_pal(with_k(exp, k), encs["seen_train"], encs["seen_val"], exp.train, progress=progress, init=init)
-    ckpt = write_weights(
+    ckpt = save_checkpoint(
         ckpt_dir,
         result.model,
         result.user_ids,
         exp.embedder.spec,
         training={"data": exp.splits.describe(), "config": config_dict(exp.train), **result.describe()},
         metrics={"seen_val_accuracy": result.val_accuracy, "train_seconds": time.perf_counter() - t0},
+        defer_config=True,
     )
     # Chosen on seen users' validation pairs, from the checkpoint as saved: the value /adapt will serve with.
     with limit_threads(1):
@@ -96,15 +98,10 @@ def train_model(
 
 
 def train_and_save(
-    exp: Experiment,
-    k: int,
-    encs: dict[str, EncodedComparisons],
-    ckpt_dir: Path,
-    progress: bool = True,
-    init: PALModel | None = None,
+    exp: Experiment, k: int, encs: dict[str, EncodedComparisons], ckpt_dir: Path, progress: bool = True
 ) -> tuple[TrainResult, Path]:
     """`pal train`: train_model plus the seen users' held-out accuracy, then the complete config.json."""
-    result, ckpt = train_model(exp, k, encs, ckpt_dir, progress, init)
+    result, ckpt = train_model(exp, k, encs, ckpt_dir, progress)
     acc = seen_accuracy(result, encs["seen_test"]) if len(encs["seen_test"]) else None
     ckpt.meta.metrics["seen_test_accuracy"] = acc
     write_config(ckpt_dir, ckpt.meta)
@@ -260,28 +257,12 @@ def summarize(reports: list[dict[str, Any]], ks: Sequence[int], shots: Sequence[
 
 
 def plot(summary: dict[str, Any], shots: Sequence[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (k, s) in enumerate(summary.items()):
-        color = f"C{i}"
-        name = f"K={k}" if k.isdigit() else k
-        ys = [s["unseen_fewshot_accuracy"][str(n)] for n in shots]
-        ax.plot(shots, ys, "o-", color=color, label=f"{name} unseen")
-        ax.axhline(s["seen_test_accuracy"], ls="--", color=color, label=f"{name} seen (held-out pairs)")
-    ax.set_xscale("log")
-    ax.set_xticks(list(shots), [str(n) for n in shots])
-    ax.set_xlabel("shots (comparisons of the unseen user)")
-    ax.set_ylabel("accuracy on held-out pairs")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with fewshot_axes(shots, path, title) as ax:
+        for i, (k, s) in enumerate(summary.items()):
+            color, name = f"C{i}", model_label(k)
+            ys = [s["unseen_fewshot_accuracy"][str(n)] for n in shots]
+            ax.plot(shots, ys, "o-", color=color, label=f"{name} unseen")
+            ax.axhline(s["seen_test_accuracy"], ls="--", color=color, label=f"{name} seen (held-out pairs)")
 
 
 def run_preset(
