@@ -7,7 +7,6 @@ the lifespan and hangs off `app.state`; nothing is global, so several apps can l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +29,7 @@ from service.routes import ClientDisconnected, router
 from service.schemas import Health, Info
 from service.shaping import RewardShaper
 from service.store import UserStore
+from service.tasks import cancel
 
 if TYPE_CHECKING:
     from models.scorer import Scorer
@@ -112,9 +112,7 @@ def _lifespan(settings: Settings, scorer: Scorer | None):
         try:
             yield
         finally:
-            app.state.startup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await app.state.startup
+            await cancel(app.state.startup)
             if app.state.engine is not None:
                 await app.state.engine.close()
             await redis.close()
