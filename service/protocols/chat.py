@@ -15,32 +15,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatFormatError, ChatRenderer
-from service.auth import require_api_key
-from service.config import Settings
-from service.deps import get_engine, get_renderer, get_settings, get_shaper
-from service.engine import RewardEngine
 from service.errors import Invalid
 from service.objectives import validate as validate_objective
 from service.protocols.common import (
-    ERROR_RESPONSES,
     NO_ASSISTANT,
     Pair,
+    Served,
     conversation_pair,
     off_loop,
+    protocol_router,
     reject_non_finite,
     score_pairs,
+    served,
     until_last_assistant,
     user_from_label,
 )
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import ObjectiveIn, ScoreItemOut, check_count
-from service.shaping import RewardShaper, Shaping
+from service.shaping import Shaping
 
-router = APIRouter(tags=["rlhf"])
+router = protocol_router()
 
 
 class ChatItemIn(BaseModel):
@@ -127,26 +125,16 @@ def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
 @router.post(
     "/score/chat",
     response_model=ChatScoreResponse,
-    dependencies=[Depends(require_api_key)],
-    responses=ERROR_RESPONSES,
     summary="Score chat-format (or templated) items, rendered with the checkpoint's chat template",
 )
-async def score_chat(
-    req: ChatScoreRequest,
-    request: Request,
-    engine: RewardEngine = Depends(get_engine),
-    renderer: ChatRenderer = Depends(get_renderer),
-    shaper: RewardShaper = Depends(get_shaper),
-    settings: Settings = Depends(get_settings),
-) -> ChatScoreResponse:
+async def score_chat(req: ChatScoreRequest, s: Served = Depends(served)) -> ChatScoreResponse:
+    settings = s.settings
     check_count(len(req.items), settings)
-    pairs = await off_loop(lambda: _pairs(renderer, req.items))
+    pairs = await off_loop(lambda: _pairs(s.renderer, req.items))
     for pair in pairs:
         if pair.objective is not None:
-            validate_objective(pair.objective, engine.k)  # a typed field: a bad one is a 422
-    scored = await score_pairs(
-        request, engine, settings, shaper, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes
-    )
+            validate_objective(pair.objective, s.engine.k)  # a typed field: a bad one is a 422
+    scored = await score_pairs(s, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes)
     return ChatScoreResponse(
         model_version=scored.version,
         shaping=req.shaping or settings.reward_shaping,

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from models.chat import ChatRenderer, message_role
+from service.auth import require_api_key
 from service.config import Settings
+from service.deps import get_engine, get_renderer, get_settings, get_shaper
 from service.domain import ScoreItem, ScoreResult
 from service.engine import RewardEngine
 from service.objectives import Objective, ObjectiveError
@@ -59,6 +61,33 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     429: {"model": ErrorBody, "description": "encoder queue full; retry after Retry-After seconds"},
     503: {"model": ErrorBody, "description": "model not loaded yet; retry after Retry-After seconds"},
 }
+
+
+def protocol_router() -> APIRouter:
+    """A protocol's router: every route behind the API key, documenting the errors it can answer."""
+    return APIRouter(tags=["rlhf"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a protocol route scores with, resolved as one dependency: its request (its queued work is dropped
+    when the client hangs up), the loaded model's engine, chat renderer and reward shaper, and the settings."""
+
+    request: Request
+    engine: RewardEngine
+    renderer: ChatRenderer
+    shaper: RewardShaper
+    settings: Settings
+
+
+async def served(
+    request: Request,
+    engine: RewardEngine = Depends(get_engine),
+    renderer: ChatRenderer = Depends(get_renderer),
+    shaper: RewardShaper = Depends(get_shaper),
+    settings: Settings = Depends(get_settings),
+) -> Served:
+    return Served(request, engine, renderer, shaper, settings)
 
 
 @dataclass
@@ -216,19 +245,13 @@ class Scored:
 
 
 async def score_pairs(
-    request: Request,
-    engine: RewardEngine,
-    settings: Settings,
-    shaper: RewardShaper,
-    pairs: Sequence[Pair],
-    route: str,
-    shaping: Shaping | None = None,
-    with_prototypes: bool = False,
+    s: Served, pairs: Sequence[Pair], route: str, shaping: Shaping | None = None, with_prototypes: bool = False
 ) -> Scored:
     """Score canonical pairs; texts over PAL_MAX_TEXT_CHARS are cut (flagged), rewards shaped, flags counted.
 
     A client that disconnects drops its queued work. Reads state only, so a client may retry it freely.
     """
+    engine, settings = s.engine, s.settings
     side = truncation_side(engine)
     items = []
     for pair in pairs:
@@ -239,12 +262,12 @@ async def score_pairs(
         items.append(ScoreItem(prompt=prompt, response=response, user_id=pair.user, objective=pair.objective))
     if not items:
         return Scored([], [], [], engine.version)
-    results, version = await until_disconnect(request, engine.score(items, with_prototypes=with_prototypes))
+    results, version = await until_disconnect(s.request, engine.score(items, with_prototypes=with_prototypes))
     for pair, r in zip(pairs, results, strict=True):
         if pair.user is not None and not r.personalized:
             pair.flags.add(NO_FIT)
     mode = shaping or settings.reward_shaping
-    rewards = shaper.shape([r.reward for r in results], [p.user for p in pairs], mode)
+    rewards = s.shaper.shape([r.reward for r in results], [p.user for p in pairs], mode)
     if engine.metrics is not None:
         for pair in pairs:
             for reason in pair.flags:

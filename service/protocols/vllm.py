@@ -19,29 +19,27 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatFormatError, ChatRenderer
-from service.auth import require_api_key
-from service.config import Settings
-from service.deps import get_engine, get_renderer, get_settings, get_shaper
-from service.engine import RewardEngine
 from service.errors import Invalid
 from service.protocols.common import (
-    ERROR_RESPONSES,
     TEXT_CUT,
     Pair,
+    Served,
     conversation_pair,
     cut_text,
     off_loop,
+    protocol_router,
     score_pairs,
+    served,
 )
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import check_count
-from service.shaping import RewardShaper, Shaping
+from service.shaping import Shaping
 
-router = APIRouter(tags=["rlhf"])
+router = protocol_router()
 
 
 class ClassifyRequest(BaseModel):
@@ -93,19 +91,14 @@ def _conversations(req: ClassifyRequest) -> list[list[MessageIn]]:
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    dependencies=[Depends(require_api_key)],
-    responses=ERROR_RESPONSES,
     summary="vLLM-style classification: population reward of each input as probs=[reward]",
 )
 async def classify(
     req: ClassifyRequest,
-    request: Request,
     shaping: Shaping | None = Query(default=None, description="reward transform; `activation` means sigmoid"),
-    engine: RewardEngine = Depends(get_engine),
-    renderer: ChatRenderer = Depends(get_renderer),
-    shaper: RewardShaper = Depends(get_shaper),
-    settings: Settings = Depends(get_settings),
+    s: Served = Depends(served),
 ) -> ClassifyResponse:
+    renderer, settings = s.renderer, s.settings
     if req.input is not None:
         texts = [req.input] if isinstance(req.input, str) else req.input
         check_count(len(texts), settings, "inputs")
@@ -115,7 +108,7 @@ async def classify(
         check_count(len(conversations), settings, "conversations")
         pairs = await off_loop(lambda: _message_pairs(renderer, conversations))
     squash = req.activation if req.use_activation is None else req.use_activation
-    scored = await score_pairs(request, engine, settings, shaper, pairs, "/classify", "sigmoid" if squash else shaping)
+    scored = await score_pairs(s, pairs, "/classify", "sigmoid" if squash else shaping)
     n_tokens = sum(r.tokens for r in scored.results)  # counted once, when the batcher tokenized them
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",
