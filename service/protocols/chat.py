@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatFormatError, ChatRenderer
@@ -24,13 +23,12 @@ from service.objectives import validate as validate_objective
 from service.protocols.common import (
     NO_ASSISTANT,
     Pair,
-    Served,
+    ServedDep,
     conversation_pair,
     off_loop,
     protocol_router,
     reject_non_finite,
     score_pairs,
-    served,
     until_last_assistant,
     user_from_label,
 )
@@ -127,7 +125,7 @@ def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
     response_model=ChatScoreResponse,
     summary="Score chat-format (or templated) items, rendered with the checkpoint's chat template",
 )
-async def score_chat(req: ChatScoreRequest, s: Served = Depends(served)) -> ChatScoreResponse:
+async def score_chat(req: ChatScoreRequest, s: ServedDep) -> ChatScoreResponse:
     settings = s.settings
     check_count(len(req.items), settings)
     pairs = await off_loop(lambda: _pairs(s.renderer, req.items))

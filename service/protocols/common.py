@@ -18,7 +18,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -88,6 +88,9 @@ async def served(
     settings: Settings = Depends(get_settings),
 ) -> Served:
     return Served(request, engine, renderer, shaper, settings)
+
+
+ServedDep = Annotated[Served, Depends(served)]
 
 
 @dataclass

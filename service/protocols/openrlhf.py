@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Response
+from fastapi import Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.chat import MARKUP_TOKENS, ChatFormatError, ChatRenderer, split_query, strip_special, visible_text
@@ -37,13 +37,12 @@ from service.protocols.common import (
     QUERY_NOT_SPLIT,
     TEXT_CUT,
     Pair,
-    Served,
+    ServedDep,
     cut_text,
     off_loop,
     protocol_router,
     reject_non_finite,
     score_pairs,
-    served,
     target_from_label,
 )
 from service.schemas import check_count
@@ -152,8 +151,8 @@ def _pairs(renderer: ChatRenderer, queries: list[str], prompts: list, limit: int
 async def get_reward(
     req: GetRewardRequest,
     response: Response,
+    s: ServedDep,
     shaping: Shaping | None = Query(default=None, description="reward transform (e.g. in --reward.remote_url)"),
-    s: Served = Depends(served),
 ) -> GetRewardResponse:
     engine, renderer, settings = s.engine, s.renderer, s.settings
     queries = req.query if isinstance(req.query, list) else [req.query]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import Depends, Query
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatFormatError, ChatRenderer
@@ -27,13 +27,12 @@ from service.errors import Invalid
 from service.protocols.common import (
     TEXT_CUT,
     Pair,
-    Served,
+    ServedDep,
     conversation_pair,
     cut_text,
     off_loop,
     protocol_router,
     score_pairs,
-    served,
 )
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import check_count
@@ -95,8 +94,8 @@ def _conversations(req: ClassifyRequest) -> list[list[MessageIn]]:
 )
 async def classify(
     req: ClassifyRequest,
+    s: ServedDep,
     shaping: Shaping | None = Query(default=None, description="reward transform; `activation` means sigmoid"),
-    s: Served = Depends(served),
 ) -> ClassifyResponse:
     renderer, settings = s.renderer, s.settings
     if req.input is not None:
