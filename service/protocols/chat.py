@@ -17,14 +17,14 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from models.chat import ChatFormatError, ChatRenderer
-from service.errors import Invalid
+from models.chat import ChatRenderer
 from service.objectives import validate as validate_objective
 from service.protocols.common import (
     NO_ASSISTANT,
     Pair,
     ServedDep,
     conversation_pair,
+    each_pair,
     off_loop,
     protocol_router,
     reject_non_finite,
@@ -103,21 +103,20 @@ def _pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
     return pair
 
 
+def _scored_pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
+    """The item's pair with what it is scored for: its objective, else its user (flagged if not one)."""
+    pair = _pair(renderer, item)
+    if item.objective is not None:
+        pair.objective = item.objective.to_objective()
+    else:
+        pair.user, flag = user_from_label(item.user_id)
+        if flag is not None:
+            pair.flags.add(flag)
+    return pair
+
+
 def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
-    pairs = []
-    for i, item in enumerate(items):
-        try:
-            pair = _pair(renderer, item)
-        except ChatFormatError as e:
-            raise Invalid(f"items[{i}]: {e}") from e
-        if item.objective is not None:
-            pair.objective = item.objective.to_objective()
-        else:
-            pair.user, flag = user_from_label(item.user_id)
-            if flag is not None:
-                pair.flags.add(flag)
-        pairs.append(pair)
-    return pairs
+    return each_pair(items, "items", lambda _, item: _scored_pair(renderer, item))
 
 
 @router.post(

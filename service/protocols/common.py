@@ -23,12 +23,13 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
-from models.chat import ChatRenderer, message_role
+from models.chat import ChatFormatError, ChatRenderer, message_role
 from service.auth import require_api_key
 from service.config import Settings
 from service.deps import get_engine, get_renderer, get_settings, get_shaper
 from service.domain import ScoreItem, ScoreResult
 from service.engine import RewardEngine
+from service.errors import Invalid
 from service.objectives import Objective, ObjectiveError
 from service.objectives import validate as validate_objective
 from service.routes import until_disconnect
@@ -36,6 +37,7 @@ from service.schemas import ObjectiveIn, valid_user_id
 from service.shaping import RewardShaper, Shaping
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 # Reasons an item was changed before scoring (the `reason` label of pal_rlhf_flagged).
 LABEL_NOT_A_USER = "label_not_a_user"  # a bool, float, dict, list or over-long label: population reward
@@ -203,6 +205,28 @@ def cut_text(text: str, limit: int, side: str) -> tuple[str, bool]:
     if len(text) <= limit:
         return text, False
     return (text[-limit:] if side == "left" else text[:limit]), True
+
+
+def cut_left(text: str, limit: int, parse: Callable[[str], Pair]) -> Pair:
+    """parse(text) after cutting the text to `limit` characters from the left (its end, where the response is,
+    is kept), flagged TEXT_CUT when it was cut."""
+    text, cut = cut_text(text, limit, "left")
+    pair = parse(text)
+    if cut:
+        pair.flags.add(TEXT_CUT)
+    return pair
+
+
+def each_pair(values: Sequence[V], where: str, parse: Callable[[int, V], Pair]) -> list[Pair]:
+    """parse(i, value) for every value of a request's list `where`; markup that cannot be read is a 422 naming
+    the value (`where[i]: why`)."""
+    pairs = []
+    for i, value in enumerate(values):
+        try:
+            pairs.append(parse(i, value))
+        except ChatFormatError as e:
+            raise Invalid(f"{where}[{i}]: {e}") from e
+    return pairs
 
 
 def truncation_side(engine: RewardEngine) -> str:

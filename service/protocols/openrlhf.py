@@ -35,10 +35,10 @@ from service.errors import Invalid
 from service.protocols.common import (
     QUERY_LEFT_TRUNCATED,
     QUERY_NOT_SPLIT,
-    TEXT_CUT,
     Pair,
     ServedDep,
-    cut_text,
+    cut_left,
+    each_pair,
     off_loop,
     protocol_router,
     reject_non_finite,
@@ -128,19 +128,12 @@ def _pair(renderer: ChatRenderer, query: str, prompt: str | None) -> Pair:
 
 
 def _pairs(renderer: ChatRenderer, queries: list[str], prompts: list, limit: int) -> list[Pair]:
-    pairs = []
-    for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
-        # A query over twice the text limit loses its start, as OpenRLHF's own prompt truncation does: the
-        # response (at the end) is kept, and the prompt comes from `prompts`.
-        query, cut = cut_text(query, limit, "left")
-        try:
-            pair = _pair(renderer, query, prompt)
-        except ChatFormatError as e:
-            raise Invalid(f"query[{i}]: {e}") from e
-        if cut:
-            pair.flags.add(TEXT_CUT)
-        pairs.append(pair)
-    return pairs
+    # A query over twice the text limit loses its start, as OpenRLHF's own prompt truncation does: the response
+    # (at the end) is kept, and the prompt comes from `prompts`.
+    def parse(i: int, query: str) -> Pair:
+        return cut_left(query, limit, lambda q: _pair(renderer, q, prompts[i]))
+
+    return each_pair(queries, "query", parse)
 
 
 @router.post(

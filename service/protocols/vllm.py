@@ -22,14 +22,13 @@ import uuid
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.chat import ChatFormatError, ChatRenderer
-from service.errors import Invalid
+from models.chat import ChatRenderer
 from service.protocols.common import (
-    TEXT_CUT,
     Pair,
     ServedDep,
     conversation_pair,
-    cut_text,
+    cut_left,
+    each_pair,
     off_loop,
     protocol_router,
     score_pairs,
@@ -119,24 +118,8 @@ async def classify(
 
 
 def _text_pairs(renderer: ChatRenderer, texts: list[str], limit: int) -> list[Pair]:
-    pairs = []
-    for i, text in enumerate(texts):
-        text, cut = cut_text(text, limit, "left")  # keep the end, where the response is
-        try:
-            pair = Pair(*renderer.pair_from_text(text))
-        except ChatFormatError as e:
-            raise Invalid(f"input[{i}]: {e}") from e
-        if cut:
-            pair.flags.add(TEXT_CUT)
-        pairs.append(pair)
-    return pairs
+    return each_pair(texts, "input", lambda _, text: cut_left(text, limit, lambda t: Pair(*renderer.pair_from_text(t))))
 
 
 def _message_pairs(renderer: ChatRenderer, conversations: list[list[MessageIn]]) -> list[Pair]:
-    pairs = []
-    for i, conv in enumerate(conversations):
-        try:
-            pairs.append(conversation_pair(renderer, as_dicts(conv)))
-        except ChatFormatError as e:
-            raise Invalid(f"messages[{i}]: {e}") from e
-    return pairs
+    return each_pair(conversations, "messages", lambda _, conv: conversation_pair(renderer, as_dicts(conv)))
