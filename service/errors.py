@@ -50,6 +50,9 @@ class Unauthorized(ServiceError):
     status = 401
     headers = {"WWW-Authenticate": "Bearer"}
 
+    def __init__(self, detail: str = "missing or wrong bearer token") -> None:  # the guard's and the routes' check
+        super().__init__(detail)
+
 
 class NotFound(ServiceError):
     status = 404

@@ -160,7 +160,7 @@ class RequestGuard:
         s = self.settings
         headers = Headers(scope=scope)
         if s.api_key and not authorized(headers.get("authorization"), s.api_key):
-            raise Unauthorized("missing or wrong bearer token")
+            raise Unauthorized()
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
             raise TooLarge(f"request body of {int(length)} bytes; the limit is {s.max_body_bytes} (PAL_MAX_BODY_BYTES)")
