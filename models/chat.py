@@ -143,6 +143,15 @@ def _first(*hits: int) -> int:
     return min(found) if found else -1
 
 
+def _content_end(text: str, close: int, close_len: int, nxt: int) -> tuple[int, int]:
+    """(end of a turn's content, end of its span): at its end marker (at `close`, `close_len` long) if that comes
+    before the next turn (at `nxt`), else where the next turn starts, else at the end of the text."""
+    if close >= 0 and (nxt == -1 or close < nxt):
+        return close, close + close_len
+    e = len(text) if nxt == -1 else nxt
+    return e, e
+
+
 def _line_role_turns(start: str, end: str) -> Callable[[str], _Found | None]:
     """ChatML / Gemma: START role \\n content (END | before the next START | end of text). The role runs to the
     first newline or '<'; a role not followed by a newline (or the end of the text) is not a turn."""
@@ -162,14 +171,8 @@ def _line_role_turns(start: str, end: str) -> Callable[[str], _Found | None]:
                 pos = s + 1
                 continue
             c = stop + 1
-            close, nxt = ends.next(c), starts.next(c)
-            if close >= 0 and (nxt == -1 or close < nxt):
-                found.append((s, close + len(end), [(text[r:stop], text[c:close])]))
-                pos = close + len(end)
-            else:
-                e = len(text) if nxt == -1 else nxt
-                found.append((s, e, [(text[r:stop], text[c:e])]))
-                pos = e
+            e, pos = _content_end(text, ends.next(c), len(end), starts.next(c))
+            found.append((s, pos, [(text[r:stop], text[c:e])]))
         return found or None
 
     return parse
@@ -190,14 +193,8 @@ def _header_turns(text: str) -> _Found | None:
         for _ in range(2):  # at most two newlines after the header belong to it
             if text.startswith("\n", c):
                 c += 1
-        close, nxt = ends.next(c), starts.next(c)
-        if close >= 0 and (nxt == -1 or close < nxt):
-            found.append((s, close + len(end), [(text[r:h], text[c:close])]))
-            pos = close + len(end)
-        else:
-            e = len(text) if nxt == -1 else nxt
-            found.append((s, e, [(text[r:h], text[c:e])]))
-            pos = e
+        e, pos = _content_end(text, ends.next(c), len(end), starts.next(c))
+        found.append((s, pos, [(text[r:h], text[c:e])]))
     return found or None
 
 
@@ -232,13 +229,8 @@ def _phi_turns(text: str) -> _Found | None:
             hit = finder.next(c)
             if hit >= 0 and (close == -1 or hit < close):
                 close, close_len = hit, length
-        if close >= 0 and (nxt == -1 or close < nxt):
-            found.append((s, close + close_len, [(role, text[c:close])]))
-            pos = close + close_len
-        else:
-            e = len(text) if nxt == -1 else nxt
-            found.append((s, e, [(role, text[c:e])]))
-            pos = e
+        e, pos = _content_end(text, close, close_len, nxt)
+        found.append((s, pos, [(role, text[c:e])]))
     return found or None
 
 

@@ -79,14 +79,24 @@ def expected_head_shapes(cfg: PALConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def content_version(directory: Path) -> str:
-    """Hash of everything that changes scores: the architecture, the parameters and the seen users."""
-    meta = json.loads((directory / CONFIG_FILE).read_text())
+def content_version(directory: str | Path, meta: CheckpointMeta | None = None) -> str:
+    """Hash of everything that changes scores: the architecture, the parameters and the seen users.
+
+    meta: the config about to be written (save_checkpoint seals it before config.json exists); by default the
+    one in the directory."""
+    directory = Path(directory)
+    fields = json.loads(meta.model_dump_json() if meta is not None else (directory / CONFIG_FILE).read_text())
     h = hashlib.sha256()
-    h.update(json.dumps({"pal": meta["pal"], "encoder": meta["encoder"]}, sort_keys=True).encode())
+    h.update(json.dumps({"pal": fields["pal"], "encoder": fields["encoder"]}, sort_keys=True).encode())
     for name in (MODEL_FILE, USERS_FILE, USER_IDS_FILE):
         h.update((directory / name).read_bytes())
     return "pal-" + h.hexdigest()[:16]
+
+
+def write_config(directory: str | Path, meta: CheckpointMeta) -> None:
+    """The one writer of config.json. Prior strength and metrics do not change the version (content_version
+    hashes the architecture and the weight files), so they can be recorded after the version is sealed."""
+    (Path(directory) / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
 
 
 def save_checkpoint(
@@ -96,7 +106,14 @@ def save_checkpoint(
     encoder: EncoderSpec,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
-) -> CheckpointMeta:
+    *,
+    defer_config: bool = False,
+) -> Checkpoint:
+    """Write a checkpoint and return it as read_checkpoint will read it.
+
+    defer_config: write the weight files only (the version is sealed all the same). Training records what it
+    learns from the saved model (prior strength, metrics) in `meta`, then writes config.json once, complete,
+    with write_config."""
     from models.pal import head_state  # torch only when saving from a torch model
 
     directory = Path(directory)
@@ -120,26 +137,22 @@ def save_checkpoint(
         training=training or {},
         metrics=metrics or {},
     )
-    (directory / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
-    meta.version = content_version(directory)
-    (directory / CONFIG_FILE).write_text(meta.model_dump_json(indent=2))
-    return meta
+    meta.version = content_version(directory, meta)
+    if not defer_config:
+        write_config(directory, meta)
+    return Checkpoint(meta=meta, head=head, user_ids=list(user_ids), user_logits=logits)
+
+
+def read_meta(directory: str | Path) -> CheckpointMeta:
+    """config.json alone, unverified (read_checkpoint checks it against the weights)."""
+    return CheckpointMeta.model_validate_json((Path(directory) / CONFIG_FILE).read_text())
 
 
 def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
-    """Record evaluation results in config.json; metrics do not change the model version."""
-    path = Path(directory) / CONFIG_FILE
-    meta = CheckpointMeta.model_validate_json(path.read_text())
+    """Record evaluation results in an existing checkpoint's config.json; metrics do not change its version."""
+    meta = read_meta(directory)
     meta.metrics.update(metrics)
-    path.write_text(meta.model_dump_json(indent=2))
-
-
-def set_prior_strength(directory: str | Path, value: float) -> None:
-    """Record the validated few-shot prior strength; like metrics, it does not change the model version."""
-    path = Path(directory) / CONFIG_FILE
-    meta = CheckpointMeta.model_validate_json(path.read_text())
-    meta.prior_strength = float(value)
-    path.write_text(meta.model_dump_json(indent=2))
+    write_config(directory, meta)
 
 
 def read_checkpoint(directory: str | Path, verify_version: bool = True) -> Checkpoint:
@@ -151,7 +164,7 @@ def read_checkpoint(directory: str | Path, verify_version: bool = True) -> Check
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}")
     try:
-        meta = CheckpointMeta.model_validate_json((directory / CONFIG_FILE).read_text())
+        meta = read_meta(directory)
     except (ValidationError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid checkpoint config: {e}") from e
     if meta.format != FORMAT:

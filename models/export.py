@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,6 +64,17 @@ class ExportReport(BaseModel):
     seconds: float
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """The batch every exported graph is checked on: token ids and mask, the graph's output names, and the torch
+    graph's outputs for it (computed before tracing, from the untouched modules)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    output_names: list[str]
+    reference: list[np.ndarray]
+
+
 class ScoringGraph(nn.Module):
     """token ids + mask -> pooled embedding -> latent f(e) (and g_k(e) for PAL-B). Traced by torch.onnx."""
 
@@ -104,6 +116,7 @@ def export_bundle(
     with torch.no_grad():  # reference before tracing, from the untouched torch modules
         reference = [t.numpy() for t in graph(check_ids, check_mask)]
     output_names = B.expected_outputs(cfg)
+    probe = _Probe(check_ids, check_mask, output_names, reference)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -111,13 +124,9 @@ def export_bundle(
         # The unfused export is kept as the portable graph: OpenVINO runs standard ONNX ops, not onnxruntime's
         # fused com.microsoft ones (given the fused graph it splits it with the CPU provider and runs slower).
         if spec.pooling == "last":  # decoder-only backbone
-            graphs, fusions, diffs = _export_decoder(
-                graph, check_ids, check_mask, work, output_names, reference, fp16, external_data_bytes
-            )
+            graphs, fusions, diffs = _export_decoder(graph, probe, work, fp16, external_data_bytes)
         else:
-            graphs, fusions, diffs = _export_encoder(
-                graph, encoder, check_ids, check_mask, work, output_names, reference, fp16
-            )
+            graphs, fusions, diffs = _export_encoder(graph, probe, work, fp16)
         shutil.copyfile(checkpoint / MODEL_FILE, work / B.HEAD_FILE)
         shutil.copyfile(checkpoint / USERS_FILE, work / B.USERS_FILE)
         shutil.copyfile(checkpoint / USER_IDS_FILE, work / B.USER_IDS_FILE)
@@ -168,24 +177,17 @@ def export_bundle(
 
 
 def _export_encoder(
-    graph: ScoringGraph,
-    encoder: PooledEncoder,
-    check_ids: torch.Tensor,
-    check_mask: torch.Tensor,
-    work: Path,
-    output_names: list[str],
-    reference: list[np.ndarray],
-    fp16: bool,
+    graph: ScoringGraph, probe: _Probe, work: Path, fp16: bool
 ) -> tuple[dict[str, str], dict[str, int], dict[str, float]]:
     """BERT-style encoders: the unfused graph (portable) and onnxruntime's fused one (fp32, optional fp16)."""
     # The unfused export is kept as the portable graph: OpenVINO runs standard ONNX ops, not onnxruntime's
     # fused com.microsoft ones (given the fused graph it splits it with the CPU provider and runs slower).
     portable = work / B.GRAPH_PORTABLE
-    _torch_export(graph, check_ids, check_mask, portable, output_names)
-    optimized, fusions = _optimize(portable, encoder)
+    _torch_export(graph, probe, portable)
+    optimized, fusions = _optimize(portable, graph.encoder)
     optimized.save_model_to_file(str(work / B.GRAPH_FP32))
     graphs = {"fp32": B.GRAPH_FP32, "portable": B.GRAPH_PORTABLE}
-    diffs = {name: _max_diff(work / graphs[name], check_ids, check_mask, reference) for name in graphs}
+    diffs = {name: _max_diff(work / graphs[name], probe) for name in graphs}
     for name, diff in diffs.items():
         if diff > FP32_TOLERANCE:
             raise ExportError(f"exported {name} graph differs from torch by {diff:.2e} > {FP32_TOLERANCE}")
@@ -193,19 +195,12 @@ def _export_encoder(
         optimized.convert_float_to_float16(keep_io_types=True)
         optimized.save_model_to_file(str(work / B.GRAPH_FP16))
         graphs["fp16"] = B.GRAPH_FP16
-        diffs["fp16"] = _check_fp16(work / B.GRAPH_FP16, check_ids, check_mask, reference)
+        diffs["fp16"] = _check_fp16(work / B.GRAPH_FP16, probe)
     return graphs, fusions, diffs
 
 
 def _export_decoder(
-    graph: ScoringGraph,
-    check_ids: torch.Tensor,
-    check_mask: torch.Tensor,
-    work: Path,
-    output_names: list[str],
-    reference: list[np.ndarray],
-    fp16: bool,
-    external_data_bytes: int | None = None,
+    graph: ScoringGraph, probe: _Probe, work: Path, fp16: bool, external_data_bytes: int | None = None
 ) -> tuple[dict[str, str], dict[str, int], dict[str, float]]:
     """Decoder-only backbones: one standard-op graph (onnxruntime's BERT fusions do not apply), which is also the
     portable one; weights go to `<graph>.data` beside it once they pass the 2 GB protobuf limit."""
@@ -214,14 +209,14 @@ def _export_decoder(
     limit = EXTERNAL_DATA_BYTES if external_data_bytes is None else external_data_bytes
     raw = work / ".raw" / B.GRAPH_FP32  # the exporter may scatter one file per tensor here for large models
     raw.parent.mkdir()
-    _torch_export(graph, check_ids, check_mask, raw, output_names)
+    _torch_export(graph, probe, raw)
     model = onnx.load(str(raw))  # pulls any external tensors back in
     shutil.rmtree(raw.parent)
     large = _initializer_bytes(model) > limit
     _save_onnx(model, work / B.GRAPH_FP32, limit)  # moves the weights out of `model` when large
     del model
     graphs = {"fp32": B.GRAPH_FP32, "portable": B.GRAPH_FP32}
-    diffs = {"fp32": _max_diff(work / B.GRAPH_FP32, check_ids, check_mask, reference)}
+    diffs = {"fp32": _max_diff(work / B.GRAPH_FP32, probe)}
     if diffs["fp32"] > FP32_TOLERANCE:
         raise ExportError(f"exported fp32 graph differs from torch by {diffs['fp32']:.2e} > {FP32_TOLERANCE}")
     if fp16:
@@ -232,7 +227,7 @@ def _export_decoder(
         half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
         _save_onnx(half, work / B.GRAPH_FP16, limit)
         graphs["fp16"] = B.GRAPH_FP16
-        diffs["fp16"] = _check_fp16(work / B.GRAPH_FP16, check_ids, check_mask, reference)
+        diffs["fp16"] = _check_fp16(work / B.GRAPH_FP16, probe)
     return graphs, {}, diffs
 
 
@@ -260,9 +255,9 @@ def _save_onnx(model, path: Path, external_data_bytes: int) -> None:
         onnx.save_model(model, str(path))
 
 
-def _check_fp16(path: Path, ids: torch.Tensor, mask: torch.Tensor, reference: list[np.ndarray]) -> float:
-    diff = _max_diff(path, ids, mask, reference)
-    if not np.isfinite(diff) or diff > FP16_TOLERANCE * max(1.0, _scale(reference)):
+def _check_fp16(path: Path, probe: _Probe) -> float:
+    diff = _max_diff(path, probe)
+    if not np.isfinite(diff) or diff > FP16_TOLERANCE * max(1.0, _scale(probe.reference)):
         raise ExportError(f"fp16 graph differs from torch by {diff:.2e}")
     return diff
 
@@ -302,19 +297,19 @@ def _self_check_batch(tokenizer, spec: EncoderSpec) -> tuple[torch.Tensor, torch
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _torch_export(graph: nn.Module, ids: torch.Tensor, mask: torch.Tensor, path: Path, outputs: list[str]) -> None:
+def _torch_export(graph: nn.Module, probe: _Probe, path: Path) -> None:
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    axes.update({name: {0: "batch"} for name in outputs})
+    axes.update({name: {0: "batch"} for name in probe.output_names})
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated upstream, but its graphs are the ones onnxruntime's BERT
         # optimizer fuses into Attention/SkipLayerNormalization; the dynamo exporter's are not (yet).
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
-            (ids, mask),
+            (probe.ids, probe.mask),
             str(path),
             input_names=["input_ids", "attention_mask"],
-            output_names=outputs,
+            output_names=probe.output_names,
             dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,
@@ -338,12 +333,12 @@ def _optimize(path: Path, encoder: PooledEncoder):  # -> (onnxruntime OnnxModel,
     return model, {op: int(stats[op]) for op in FUSED_OPS if stats.get(op)}
 
 
-def _max_diff(path: Path, ids: torch.Tensor, mask: torch.Tensor, reference: list[np.ndarray]) -> float:
+def _max_diff(path: Path, probe: _Probe) -> float:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    return float(max(np.abs(g.astype(np.float64) - r).max() for g, r in zip(got, reference, strict=True)))
+    got = sess.run(None, {"input_ids": probe.ids.numpy(), "attention_mask": probe.mask.numpy()})
+    return float(max(np.abs(g.astype(np.float64) - r).max() for g, r in zip(got, probe.reference, strict=True)))
 
 
 def _scale(reference: list[np.ndarray]) -> float:
@@ -368,19 +363,19 @@ def export_encoder(spec: EncoderSpec, out: str | Path) -> Path:
     tokenizer.truncation_side = spec.truncation_side
     ids, mask = _self_check_batch(tokenizer, spec)
     with torch.no_grad():
-        reference = [encoder(ids, mask).numpy()]
+        probe = _Probe(ids, mask, [EMBEDDING_OUTPUT], [encoder(ids, mask).numpy()])
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         raw = work / "raw.onnx"
-        _torch_export(encoder, ids, mask, raw, [EMBEDDING_OUTPUT])
+        _torch_export(encoder, probe, raw)
         if spec.pooling == "last":
             raw.rename(work / ENCODER_GRAPH)
         else:
             optimized, _ = _optimize(raw, encoder)
             optimized.save_model_to_file(str(work / ENCODER_GRAPH))
             raw.unlink()
-        diff = _max_diff(work / ENCODER_GRAPH, ids, mask, reference)
+        diff = _max_diff(work / ENCODER_GRAPH, probe)
         if diff > FP32_TOLERANCE:
             raise ExportError(f"exported encoder graph differs from torch by {diff:.2e} > {FP32_TOLERANCE}")
         tokenizer.save_pretrained(str(work / B.TOKENIZER_DIR))

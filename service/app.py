@@ -7,7 +7,6 @@ the lifespan and hangs off `app.state`; nothing is global, so several apps can l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.chat import ChatRenderer
 from service.config import Settings
 from service.engine import RewardEngine
-from service.errors import Busy, ServiceError
+from service.errors import Busy, ServiceError, error_response
 from service.guard import RequestGuard
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_conn import RedisHandle, connect
@@ -30,6 +29,7 @@ from service.routes import ClientDisconnected, router
 from service.schemas import Health, Info
 from service.shaping import RewardShaper
 from service.store import UserStore
+from service.tasks import cancel
 
 if TYPE_CHECKING:
     from models.scorer import Scorer
@@ -112,18 +112,12 @@ def _lifespan(settings: Settings, scorer: Scorer | None):
         try:
             yield
         finally:
-            app.state.startup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await app.state.startup
+            await cancel(app.state.startup)
             if app.state.engine is not None:
                 await app.state.engine.close()
             await redis.close()
 
     return lifespan
-
-
-def _retry_after(settings: Settings) -> dict[str, str]:
-    return {"Retry-After": str(settings.retry_after_s)}
 
 
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
@@ -142,8 +136,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         if isinstance(exc, Busy):
             request.app.state.metrics.queue_full.inc()
-        headers = {**exc.headers, **(_retry_after(settings) if exc.retry else {})}
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers or None)
+        return error_response(exc, settings.retry_after_s)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:

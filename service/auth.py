@@ -26,7 +26,7 @@ async def require_api_key(
         return
     header = None if credentials is None else f"Bearer {credentials.credentials}"
     if not authorized(header, expected):
-        raise Unauthorized("missing or wrong bearer token")
+        raise Unauthorized()
 
 
 def is_loopback(host: str) -> bool:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from models.scorer import EncodedItems, Prepared
 from service.errors import Busy
+from service.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,8 @@ class Batcher:
             self._worker = asyncio.create_task(self._run(), name="pal-batcher")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await cancel(self._worker)
+        self._worker = None
         for job in self._jobs:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("service is shutting down"))

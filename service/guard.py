@@ -26,10 +26,18 @@ import secrets
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
+from service.errors import (
+    Invalid,
+    RequestTimeout,
+    ServiceError,
+    TooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    error_response,
+)
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
 _THREAD_PARSE_BYTES = 64 * 1024  # below this the checks take ~1 ms or less: a thread hop would cost as much
@@ -38,22 +46,10 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class Refused(Exception):
-    """A request the guard answers itself: HTTP status and a message for the client."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
-
-
 def authorized(header: str | None, key: str) -> bool:
     """`Authorization: Bearer <key>`, compared in constant time."""
     scheme, _, token = (header or "").partition(" ")
     return scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), key.encode())
-
-
-def unauthorized() -> Refused:
-    return Refused(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 
 def value_bound(body: bytes) -> int:
@@ -72,19 +68,19 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise Refused(422, f"duplicate key {key!r} in a JSON object")
+            raise Invalid(f"duplicate key {key!r} in a JSON object")
         out[key] = value
     return out
 
 
 def _no_constant(name: str) -> float:
-    raise Refused(422, f"{name} is not a number JSON allows (numbers must be finite)")
+    raise Invalid(f"{name} is not a number JSON allows (numbers must be finite)")
 
 
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise Refused(422, f"number {text[:40]} is out of range (numbers must be finite)")
+        raise Invalid(f"number {text[:40]} is out of range (numbers must be finite)")
     return value
 
 
@@ -93,13 +89,13 @@ def parse_strict(body: bytes) -> Any:
     try:
         return json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError as e:
-        raise Refused(422, f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from e
+        raise Invalid(f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from e
     except json.JSONDecodeError as e:
-        raise Refused(422, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise Invalid(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
     except RecursionError as e:
-        raise Refused(422, "invalid JSON: nested too deeply") from e
+        raise Invalid("invalid JSON: nested too deeply") from e
     except ValueError as e:  # e.g. an integer past Python's digit limit
-        raise Refused(422, f"invalid JSON: {e}") from e
+        raise Invalid(f"invalid JSON: {e}") from e
 
 
 def check_tree(value: Any, max_list: int) -> None:
@@ -110,16 +106,15 @@ def check_tree(value: Any, max_list: int) -> None:
         where, v = stack.pop()
         if isinstance(v, str):
             if _SURROGATE.search(v):
-                raise Refused(422, f"{where}: a lone UTF-16 surrogate is not valid text")
+                raise Invalid(f"{where}: a lone UTF-16 surrogate is not valid text")
         elif isinstance(v, dict):
             for k, item in v.items():
                 if _SURROGATE.search(k):
-                    raise Refused(422, f"{where}: a key holds a lone UTF-16 surrogate")
+                    raise Invalid(f"{where}: a key holds a lone UTF-16 surrogate")
                 stack.append((f"{where}.{k}" if where != "body" else k, item))
         elif isinstance(v, list):
             if len(v) > max_list:
-                raise Refused(
-                    413,
+                raise TooLarge(
                     f"{where} has {len(v)} elements; no list in a request may have more than {max_list} "
                     "(PAL_MAX_ITEMS_PER_REQUEST)",
                 )
@@ -130,7 +125,7 @@ def check_json(body: bytes, max_values: int, max_list: int) -> None:
     """All body checks that need no I/O: value count on the bytes, then strict parse, then the tree."""
     n = count_values(body, max_values)
     if n > max_values:
-        raise Refused(413, f"request body holds up to {n} JSON values; the limit is {max_values} (PAL_MAX_JSON_VALUES)")
+        raise TooLarge(f"request body holds up to {n} JSON values; the limit is {max_values} (PAL_MAX_JSON_VALUES)")
     check_tree(parse_strict(body), max_list)
 
 
@@ -154,9 +149,8 @@ class RequestGuard:
             return
         try:
             messages = await self._read(scope, receive)
-        except Refused as e:
-            response = JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
-            await response(scope, receive, send)
+        except ServiceError as e:  # answered here, before routing, exactly as the app answers it
+            await error_response(e, self.settings.retry_after_s)(scope, receive, send)
             return
         if messages is None:  # the client went away while sending
             return
@@ -166,12 +160,10 @@ class RequestGuard:
         s = self.settings
         headers = Headers(scope=scope)
         if s.api_key and not authorized(headers.get("authorization"), s.api_key):
-            raise unauthorized()
+            raise Unauthorized()
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
-            raise Refused(
-                413, f"request body of {int(length)} bytes; the limit is {s.max_body_bytes} (PAL_MAX_BODY_BYTES)"
-            )
+            raise TooLarge(f"request body of {int(length)} bytes; the limit is {s.max_body_bytes} (PAL_MAX_BODY_BYTES)")
         chunks: list[bytes] = []
         size = 0
         loop = asyncio.get_running_loop()
@@ -180,16 +172,15 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                raise Refused(
-                    408, f"request body not received within {s.body_timeout_s:g} s (PAL_BODY_TIMEOUT_S)"
+                raise RequestTimeout(
+                    f"request body not received within {s.body_timeout_s:g} s (PAL_BODY_TIMEOUT_S)"
                 ) from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > s.max_body_bytes:
-                raise Refused(
-                    413,
+                raise TooLarge(
                     f"request body over {s.max_body_bytes} bytes; the limit is {s.max_body_bytes} (PAL_MAX_BODY_BYTES)",
                 )
             chunks.append(chunk)
@@ -198,8 +189,8 @@ class RequestGuard:
         body = b"".join(chunks)
         if body:
             if not _is_json(headers.get("content-type")):
-                raise Refused(
-                    415, f"content-type {headers.get('content-type')!r}: request bodies must be application/json"
+                raise UnsupportedMediaType(
+                    f"content-type {headers.get('content-type')!r}: request bodies must be application/json"
                 )
             if len(body) < _THREAD_PARSE_BYTES:
                 check_json(body, s.max_json_values, self.max_list)

@@ -8,6 +8,7 @@ once.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,15 +24,13 @@ if TYPE_CHECKING:
     from models.scorer import Scorer
 
 
+@dataclass(eq=False)
 class Scoring:
-    def __init__(
-        self, scorer: Scorer, batcher: Batcher, weights: UserWeights, population: Population, prior: np.ndarray
-    ) -> None:
-        self.scorer = scorer
-        self.batcher = batcher
-        self.weights = weights
-        self.population = population
-        self.prior = prior
+    scorer: Scorer
+    batcher: Batcher
+    weights: UserWeights
+    population: Population
+    prior: np.ndarray  # the population prior: the weights of an item without a user's fit or an objective
 
     async def score(self, items: list[ScoreItem], with_prototypes: bool = False) -> list[ScoreResult]:
         users = sorted({it.user_id for it in items if it.user_id is not None})

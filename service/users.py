@@ -9,7 +9,6 @@ writes the fit with a script that refuses it if a newer fit is stored or the use
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -25,6 +24,7 @@ from service.batcher import Batcher, QueueFull
 from service.config import Settings
 from service.domain import Adapted, StoreUnavailable, UnknownUser, UserView, stale
 from service.store import Comparison, StoredFit, UserStore
+from service.tasks import cancel
 from service.weights_cache import UserWeights
 
 if TYPE_CHECKING:
@@ -79,10 +79,7 @@ class Users:
         return self._features
 
     async def close(self) -> None:
-        if self._pending_task is not None:
-            self._pending_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pending_task
+        await cancel(self._pending_task)
 
     async def adapt(self, user: str, comparisons: list[Comparison], idempotency_key: str | None = None) -> Adapted:
         """Store the comparisons, refit from all the user's stored comparisons, write and return the fit.

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from models.cache import LRUCache
 from service.config import Settings
 from service.store import UserStore
+from service.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,7 @@ class UserWeights:
             self._listener = asyncio.create_task(self._listen_for_deletions(), name="pal-deletions")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        await cancel(self._listener)
 
     def mark(self) -> ReadMark:
         """Call before a read from Redis whose result may be remembered."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import read_checkpoint, save_checkpoint, set_prior_strength, update_metrics
+from models.checkpoint import CONFIG_FILE, Checkpoint, CheckpointMeta, read_meta, save_checkpoint, write_config
 from models.pal import PALModel
 from training.data.schema import PreferenceSplits
 from training.encoded import EncodedComparisons, encode
@@ -24,6 +24,7 @@ from training.fewshot import (
     validation_fewshot_score,
     zero_shot_accuracy,
 )
+from training.plots import fewshot_axes, model_label
 from training.presets import Experiment, with_k
 from training.threads import limit_threads
 from training.train import TrainResult, config_dict, seen_accuracy, train_pal
@@ -60,26 +61,28 @@ def encode_splits(exp: Experiment) -> dict[str, EncodedComparisons]:
     return {s: encode(getattr(exp.splits, s), exp.embedder, exp.pal.form) for s in SPLIT_NAMES}
 
 
-def train_and_save(
+def train_model(
     exp: Experiment,
     k: int,
     encs: dict[str, EncodedComparisons],
     ckpt_dir: Path,
     progress: bool = True,
     init: PALModel | None = None,
-) -> tuple[TrainResult, Path]:
+) -> tuple[TrainResult, Checkpoint]:
+    """Train, write the checkpoint's weights and select its few-shot prior strength. The returned checkpoint's
+    config.json is not written yet: the caller adds its own numbers to `meta` and writes it once (write_config)."""
     t0 = time.perf_counter()
     result = train_pal(with_k(exp, k), encs["seen_train"], encs["seen_val"], exp.train, progress=progress, init=init)
-    save_checkpoint(
+    ckpt = save_checkpoint(
         ckpt_dir,
         result.model,
         result.user_ids,
         exp.embedder.spec,
         training={"data": exp.splits.describe(), "config": config_dict(exp.train), **result.describe()},
         metrics={"seen_val_accuracy": result.val_accuracy, "train_seconds": time.perf_counter() - t0},
+        defer_config=True,
     )
-    # Chosen on seen users' validation pairs, from the checkpoint as written: the value /adapt will serve with.
-    ckpt = read_checkpoint(ckpt_dir)
+    # Chosen on seen users' validation pairs, from the checkpoint as saved: the value /adapt will serve with.
     with limit_threads(1):
         strength, scores = select_prior_strength(
             ckpt.head_params, np.asarray(ckpt.meta.prior_weights), encs["seen_train"], encs["seen_val"]
@@ -89,8 +92,19 @@ def train_and_save(
         fewshot_val = validation_fewshot_score(
             ckpt.head_params, np.asarray(ckpt.meta.prior_weights), encs["seen_train"], encs["seen_val"], strength
         )
-    set_prior_strength(ckpt_dir, strength)
-    update_metrics(ckpt_dir, {"prior_strength_val_scores": scores, "seen_val_fewshot_accuracy": fewshot_val})
+    ckpt.meta.prior_strength = float(strength)
+    ckpt.meta.metrics.update({"prior_strength_val_scores": scores, "seen_val_fewshot_accuracy": fewshot_val})
+    return result, ckpt
+
+
+def train_and_save(
+    exp: Experiment, k: int, encs: dict[str, EncodedComparisons], ckpt_dir: Path, progress: bool = True
+) -> tuple[TrainResult, Path]:
+    """`pal train`: train_model plus the seen users' held-out accuracy, then the complete config.json."""
+    result, ckpt = train_model(exp, k, encs, ckpt_dir, progress)
+    acc = seen_accuracy(result, encs["seen_test"]) if len(encs["seen_test"]) else None
+    ckpt.meta.metrics["seen_test_accuracy"] = acc
+    write_config(ckpt_dir, ckpt.meta)
     return result, ckpt_dir
 
 
@@ -104,14 +118,18 @@ def evaluate_model(
     progress: bool = True,
     init: PALModel | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
-    result, ckpt_dir = train_and_save(exp, k, encs, out_dir / f"k{k}", progress, init)
+    ckpt_dir = out_dir / f"k{k}"
+    result, ckpt = train_model(exp, k, encs, ckpt_dir, progress, init)
     with limit_threads(1):
-        return result, _evaluate_checkpoint(result, ckpt_dir, k, encs, shots, prior_strength, progress)
+        metrics = _evaluate_checkpoint(result, ckpt_dir, ckpt, k, encs, shots, prior_strength, progress)
+    write_config(ckpt_dir, ckpt.meta)
+    return result, metrics
 
 
 def _evaluate_checkpoint(
     result: TrainResult,
     ckpt_dir: Path,
+    ckpt: Checkpoint,
     k: int,
     encs: dict[str, EncodedComparisons],
     shots: Sequence[int],
@@ -119,9 +137,9 @@ def _evaluate_checkpoint(
     progress: bool,
     record: bool = True,
 ) -> dict[str, Any]:
-    """Every number of one checkpoint on these splits. record=False (a joint model scored on one data set's
-    users): validation numbers are recomputed on these splits and nothing is written into the checkpoint."""
-    ckpt = read_checkpoint(ckpt_dir)  # few-shot numbers come from what is on disk, like the service
+    """Every number of one checkpoint (as saved in ckpt_dir: the weights the service will load) on these
+    splits, recorded in ckpt.meta.metrics for its config.json. record=False (a joint model scored on one data
+    set's users): validation numbers are recomputed on these splits and nothing is recorded."""
     head, prior = ckpt.head_params, np.asarray(ckpt.meta.prior_weights)
     # Training selected the strength on validation (and /adapt serves with it); an explicit value overrides it.
     strengths = ckpt.meta.metrics.get("prior_strength_val_scores", {})
@@ -146,7 +164,7 @@ def _evaluate_checkpoint(
         ),
     }
     if record:
-        update_metrics(ckpt_dir, {k_: v for k_, v in metrics.items() if k_ not in ("checkpoint", "version")})
+        ckpt.meta.metrics.update({k_: v for k_, v in metrics.items() if k_ not in ("checkpoint", "version")})
     return metrics
 
 
@@ -181,12 +199,15 @@ def run_experiment(
     }
 
 
-def choose_served(models: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+def choose_served(
+    models: dict[str, dict[str, Any]], out_dir: Path, metas: dict[str, CheckpointMeta] | None = None
+) -> dict[str, Any]:
     """The model `pal export` should serve, chosen on validation data only: a K > 1 model only where it beats
     the global K=1 model on seen users' validation pairs both without adaptation (held-out pairs of seen users)
     and after few-shot fitting (seen users refitted from 1/5/20 of their training pairs, scored on their
     validation pairs); else the global model. Ties go to K=1. The choice is copied to OUT/served and recorded in
-    its config.json; the service serves it unchanged (a K=1 checkpoint adapts to nothing, by construction)."""
+    its config.json; the service serves it unchanged (a K=1 checkpoint adapts to nothing, by construction).
+    metas: the candidates' configs where their config.json is not written yet (a joint model's); else read."""
     base = models["1"]
     chosen = "1"
     for key, m in models.items():
@@ -208,11 +229,14 @@ def choose_served(models: dict[str, dict[str, Any]], out_dir: Path) -> dict[str,
             for key, m in models.items()
         },
     }
+    source = models[chosen]["checkpoint"]
+    meta = (metas[chosen] if metas else read_meta(source)).model_copy(deep=True)
+    meta.metrics["served_selection"] = selection
     served_dir = out_dir / "served"
     if served_dir.exists():
         shutil.rmtree(served_dir)
-    shutil.copytree(models[chosen]["checkpoint"], served_dir)
-    update_metrics(served_dir, {"served_selection": selection})
+    shutil.copytree(source, served_dir, ignore=shutil.ignore_patterns(CONFIG_FILE))
+    write_config(served_dir, meta)
     return {**models[chosen], "checkpoint": str(served_dir), "served_selection": selection}
 
 
@@ -233,28 +257,12 @@ def summarize(reports: list[dict[str, Any]], ks: Sequence[int], shots: Sequence[
 
 
 def plot(summary: dict[str, Any], shots: Sequence[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (k, s) in enumerate(summary.items()):
-        color = f"C{i}"
-        name = f"K={k}" if k.isdigit() else k
-        ys = [s["unseen_fewshot_accuracy"][str(n)] for n in shots]
-        ax.plot(shots, ys, "o-", color=color, label=f"{name} unseen")
-        ax.axhline(s["seen_test_accuracy"], ls="--", color=color, label=f"{name} seen (held-out pairs)")
-    ax.set_xscale("log")
-    ax.set_xticks(list(shots), [str(n) for n in shots])
-    ax.set_xlabel("shots (comparisons of the unseen user)")
-    ax.set_ylabel("accuracy on held-out pairs")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with fewshot_axes(shots, path, title) as ax:
+        for i, (k, s) in enumerate(summary.items()):
+            color, name = f"C{i}", model_label(k)
+            ys = [s["unseen_fewshot_accuracy"][str(n)] for n in shots]
+            ax.plot(shots, ys, "o-", color=color, label=f"{name} unseen")
+            ax.axhline(s["seen_test_accuracy"], ls="--", color=color, label=f"{name} seen (held-out pairs)")
 
 
 def run_preset(

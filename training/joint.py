@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import update_metrics
+from models.checkpoint import write_config
 from training.data.schema import PreferenceSplits
 from training.encoded import EncodedComparisons
-from training.evaluate import SPLIT_NAMES, _evaluate_checkpoint, choose_served, encode_splits, train_and_save
+from training.evaluate import SPLIT_NAMES, _evaluate_checkpoint, choose_served, encode_splits, train_model
 from training.fewshot import SHOTS
 from training.presets import Experiment
 from training.threads import limit_threads
@@ -51,23 +51,25 @@ def run_joint(
     global_model = None
     for k in sorted(ks):
         init = global_model if (joint.train.warm_start and k > 1) else None
-        trained[k] = train_and_save(joint, k, encs, out_dir / f"k{k}", progress, init)
+        trained[k] = train_model(joint, k, encs, out_dir / f"k{k}", progress, init)
         if k == 1:
             global_model = trained[k][0].model
+    # The joint checkpoints' config.json is written once, below, when every data set's numbers are known.
+    metas = {str(k): ckpt.meta for k, (_, ckpt) in trained.items()}
     reports = []
     for exp in exps:
         users = set(exp.splits.seen_users) | set(exp.splits.unseen_users)
         sub = {s: _subset(encs[s], users) for s in SPLIT_NAMES}
         models: dict[str, dict[str, Any]] = {}
         with limit_threads(1):
-            for k, (result, ckpt_dir) in trained.items():
+            for k, (result, ckpt) in trained.items():
                 models[str(k)] = _evaluate_checkpoint(
-                    result, ckpt_dir, k, sub, shots, prior_strength, progress=False, record=False
+                    result, out_dir / f"k{k}", ckpt, k, sub, shots, prior_strength, progress=False, record=False
                 )
         exp_dir = out_dir / exp.name.replace("/", "_")
         exp_dir.mkdir(parents=True, exist_ok=True)
         if "1" in models and len(models) > 1:  # per data set: the joint K or the joint K=1, on its validation data
-            models["served"] = choose_served(models, exp_dir)
+            models["served"] = choose_served(models, exp_dir, metas)
         reports.append(
             {
                 "experiment": exp.name,
@@ -77,8 +79,9 @@ def run_joint(
                 "models": models,
             }
         )
-    for k, (_, ckpt_dir) in trained.items():
-        update_metrics(ckpt_dir, {"per_data_set": {r["experiment"]: r["models"][str(k)] for r in reports}})
+    for k, (_, ckpt) in trained.items():
+        ckpt.meta.metrics["per_data_set"] = {r["experiment"]: r["models"][str(k)] for r in reports}
+        write_config(out_dir / f"k{k}", ckpt.meta)
     if progress:
         print(f"joint model over {len(exps)} data sets: {time.perf_counter() - t0:.0f} s")
     return reports

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import update_metrics
+from models.checkpoint import read_meta
 from models.config import DEFAULT_ENCODER, EncoderSpec
 from training.data.persona import PersonaParams, build_persona
 from training.data.schema import Comparison, PreferenceSplits, by_user
@@ -17,7 +17,6 @@ from training.evaluate import encode_splits, run_preset, train_and_save
 from training.fewshot import SHOTS
 from training.presets import JOINT_SUFFIX, PRESETS, Experiment, _text_pal, experiments, schedule
 from training.seeds import write_report
-from training.train import seen_accuracy
 
 # A few hundred comparisons over ~240 statements: embeds in seconds (then cached) and trains in well under
 # a minute on 2 cores, yet the three groups are clearly separated.
@@ -45,9 +44,7 @@ def train_small_persona(
     emb = CachedEncoder(EncoderSpec(name_or_path=encoder))
     exp = Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("demo", seed))
     encs = encode_splits(exp)
-    result, ckpt = train_and_save(exp, k, encs, Path(out_dir), progress)
-    update_metrics(ckpt, {"seen_test_accuracy": seen_accuracy(result, encs["seen_test"])})
-    return ckpt
+    return train_and_save(exp, k, encs, Path(out_dir), progress)[1]
 
 
 def unseen_user_comparisons(seed: int = 0) -> dict[str, tuple[list[Comparison], list[Comparison]]]:
@@ -85,14 +82,7 @@ def train_one(
         exp = Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("file", seed))
     else:
         exp = experiments(preset, seed, k, encoder)[0]
-    encs = encode_splits(exp)
-    result, ckpt = train_and_save(exp, k, encs, out, True)
-    update_metrics(ckpt, {"seen_test_accuracy": seen_accuracy(result, encs["seen_test"])})
-    return {
-        "checkpoint": str(ckpt),
-        **result.describe(),
-        "seen_test_accuracy": seen_accuracy(result, encs["seen_test"]),
-    }
+    return train_checkpoint(exp, k, encode_splits(exp), out, dict)
 
 
 def evaluate_preset(
@@ -216,8 +206,7 @@ def train_checkpoint(
 ) -> dict[str, Any]:
     """Train, save the checkpoint with its seen-test accuracy, and say what was done (`extra()` after training)."""
     result, ckpt = train_and_save(exp, k, encs, out, True)
-    acc = seen_accuracy(result, encs["seen_test"]) if len(encs["seen_test"]) else None
-    update_metrics(ckpt, {"seen_test_accuracy": acc})
+    acc = read_meta(ckpt).metrics["seen_test_accuracy"]  # train_and_save measured it for config.json
     return {"checkpoint": str(ckpt), **extra(), **result.describe(), "seen_test_accuracy": acc}
 
 

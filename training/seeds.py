@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from training.plots import fewshot_axes, model_label
+
 
 def t_interval(values: Sequence[float]) -> dict[str, Any]:
     """Mean and 95% t-interval over seeds; a single value has no interval (lo = hi = the value)."""
@@ -87,32 +89,16 @@ def overall(runs: list[dict[str, Any]], shots: Sequence[int]) -> dict[str, Any]:
 
 
 def plot(summary: dict[str, Any], shots: Sequence[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (key, s) in enumerate(summary.items()):
-        color = f"C{i}"
-        label = f"K={key}" if key.isdigit() else key
-        ys = [s[f"unseen@{n}"] for n in shots]
-        mean = [y["mean"] for y in ys]
-        err = np.array([[y["mean"] - y["lo"] for y in ys], [y["hi"] - y["mean"] for y in ys]])
-        ax.errorbar(shots, mean, yerr=err, fmt="o-", color=color, capsize=3, label=f"{label} unseen")
-        seen = s["seen"]
-        ax.axhline(seen["mean"], ls="--", color=color, label=f"{label} seen (held-out pairs)")
-        ax.axhspan(seen["lo"], seen["hi"], color=color, alpha=0.08)
-    ax.set_xscale("log")
-    ax.set_xticks(list(shots), [str(n) for n in shots])
-    ax.set_xlabel("shots (comparisons of the unseen user)")
-    ax.set_ylabel("accuracy on held-out pairs")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with fewshot_axes(shots, path, title, figsize=(6.5, 4.2), title_size=9, legend_size=7) as ax:
+        for i, (key, s) in enumerate(summary.items()):
+            color, label = f"C{i}", model_label(key)
+            ys = [s[f"unseen@{n}"] for n in shots]
+            mean = [y["mean"] for y in ys]
+            err = np.array([[y["mean"] - y["lo"] for y in ys], [y["hi"] - y["mean"] for y in ys]])
+            ax.errorbar(shots, mean, yerr=err, fmt="o-", color=color, capsize=3, label=f"{label} unseen")
+            seen = s["seen"]
+            ax.axhline(seen["mean"], ls="--", color=color, label=f"{label} seen (held-out pairs)")
+            ax.axhspan(seen["lo"], seen["hi"], color=color, alpha=0.08)
 
 
 def write_report(runs: list[dict[str, Any]], seeds: Sequence[int], out_dir: Path, title: str) -> dict[str, Any]:

@@ -47,6 +47,19 @@ class ExecutionProvider(ABC):
         """Why this provider cannot run `precision` on this machine (cheap checks only), or None."""
         return None
 
+    def require(self, precision: str) -> None:
+        """ProviderError saying why, where this provider cannot run `precision` here."""
+        reason = self.unavailable(precision)
+        if reason:
+            raise ProviderError(reason)
+
+    def active(self, session: ort.InferenceSession) -> ort.InferenceSession:
+        """`session`, refused unless onnxruntime runs it on this provider: it falls back to CPU with only a log
+        line (CUDA or cuDNN libraries missing, a node OpenVINO cannot run)."""
+        if session.get_providers()[0] != self.ort_name:
+            raise ProviderError(f"provider={self.name!r} requested but onnxruntime activated {session.get_providers()}")
+        return session
+
     @abstractmethod
     def open(self, path: Path, precision: str, threads: int, spinning: bool) -> ort.InferenceSession:
         """A session on this provider; ProviderError if it does not start, BundleError if the graph is bad.

@@ -34,17 +34,12 @@ class CudaProvider(ExecutionProvider):
         return None
 
     def open(self, path: Path, precision: str, threads: int, spinning: bool) -> ort.InferenceSession:
-        reason = self.unavailable(precision)
-        if reason:
-            raise ProviderError(reason)
+        self.require(precision)
         try:
             session = native_session(path, [self.ort_name, "CPUExecutionProvider"], threads, spinning)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ProviderError(f"could not start {self.ort_name} for {path}: {e}") from e
-        # onnxruntime falls back to CPU with only a log line when CUDA/cuDNN libraries are missing; refuse.
-        if session.get_providers()[0] != self.ort_name:
-            raise ProviderError(f"provider='cuda' requested but onnxruntime activated {session.get_providers()}")
-        return session
+        return self.active(session)
 
 
 PROVIDER = CudaProvider()

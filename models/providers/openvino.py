@@ -78,9 +78,7 @@ class OpenVINOProvider(OpenVINOEngine):
         import onnxruntime as ort
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
 
-        reason = self.unavailable(precision)
-        if reason:
-            raise ProviderError(reason)
+        self.require(precision)
         config = self.config(precision, threads)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # no node runs on onnxruntime's own pool; OpenVINO has its threads (TBB)
@@ -93,9 +91,7 @@ class OpenVINOProvider(OpenVINOEngine):
             raise BundleError(f"{path} is not a loadable ONNX graph: {e}") from e
         except Exception as e:  # onnxruntime raises its own exception types
             raise ProviderError(f"could not start {self.ort_name} for {path}: {e}") from e
-        if session.get_providers()[0] != self.ort_name:
-            raise ProviderError(f"provider='openvino' requested but onnxruntime activated {session.get_providers()}")
-        return session
+        return self.active(session)
 
 
 PROVIDER = OpenVINOProvider()

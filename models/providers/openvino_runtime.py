@@ -75,9 +75,7 @@ class OpenVINORuntimeProvider(OpenVINOEngine):
     def open(self, path: Path, precision: str, threads: int, spinning: bool) -> RuntimeSession:
         import openvino as ov
 
-        reason = self.unavailable(precision)
-        if reason:
-            raise ProviderError(reason)
+        self.require(precision)
         core = _core()
         try:
             model = core.read_model(str(path))

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from models.chat import ChatFormatError, ChatRenderer
-from service.auth import require_api_key
-from service.config import Settings
-from service.deps import get_engine, get_renderer, get_settings, get_shaper
-from service.engine import RewardEngine
+from models.chat import ChatRenderer
 from service.objectives import validate as validate_objective
 from service.protocols.common import (
-    ERROR_RESPONSES,
     NO_ASSISTANT,
     Pair,
-    as_422,
+    ServedDep,
     conversation_pair,
+    each_pair,
     off_loop,
+    protocol_router,
     reject_non_finite,
     score_pairs,
     until_last_assistant,
@@ -38,9 +34,9 @@ from service.protocols.common import (
 )
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import ObjectiveIn, ScoreItemOut, check_count
-from service.shaping import RewardShaper, Shaping
+from service.shaping import Shaping
 
-router = APIRouter(tags=["rlhf"])
+router = protocol_router()
 
 
 class ChatItemIn(BaseModel):
@@ -107,46 +103,35 @@ def _pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
     return pair
 
 
+def _scored_pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
+    """The item's pair with what it is scored for: its objective, else its user (flagged if not one)."""
+    pair = _pair(renderer, item)
+    if item.objective is not None:
+        pair.objective = item.objective.to_objective()
+    else:
+        pair.user, flag = user_from_label(item.user_id)
+        if flag is not None:
+            pair.flags.add(flag)
+    return pair
+
+
 def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
-    pairs = []
-    for i, item in enumerate(items):
-        try:
-            pair = _pair(renderer, item)
-        except ChatFormatError as e:
-            raise as_422(e, f"items[{i}]") from e
-        if item.objective is not None:
-            pair.objective = item.objective.to_objective()
-        else:
-            pair.user, flag = user_from_label(item.user_id)
-            if flag is not None:
-                pair.flags.add(flag)
-        pairs.append(pair)
-    return pairs
+    return each_pair(items, "items", lambda _, item: _scored_pair(renderer, item))
 
 
 @router.post(
     "/score/chat",
     response_model=ChatScoreResponse,
-    dependencies=[Depends(require_api_key)],
-    responses=ERROR_RESPONSES,
     summary="Score chat-format (or templated) items, rendered with the checkpoint's chat template",
 )
-async def score_chat(
-    req: ChatScoreRequest,
-    request: Request,
-    engine: RewardEngine = Depends(get_engine),
-    renderer: ChatRenderer = Depends(get_renderer),
-    shaper: RewardShaper = Depends(get_shaper),
-    settings: Settings = Depends(get_settings),
-) -> ChatScoreResponse:
+async def score_chat(req: ChatScoreRequest, s: ServedDep) -> ChatScoreResponse:
+    settings = s.settings
     check_count(len(req.items), settings)
-    pairs = await off_loop(lambda: _pairs(renderer, req.items))
+    pairs = await off_loop(lambda: _pairs(s.renderer, req.items))
     for pair in pairs:
         if pair.objective is not None:
-            validate_objective(pair.objective, engine.k)  # a typed field: a bad one is a 422
-    scored = await score_pairs(
-        request, engine, settings, shaper, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes
-    )
+            validate_objective(pair.objective, s.engine.k)  # a typed field: a bad one is a 422
+    scored = await score_pairs(s, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes)
     return ChatScoreResponse(
         model_version=scored.version,
         shaping=req.shaping or settings.reward_shaping,

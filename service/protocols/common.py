@@ -18,13 +18,15 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from models.chat import ChatFormatError, ChatRenderer, message_role
+from service.auth import require_api_key
 from service.config import Settings
+from service.deps import get_engine, get_renderer, get_settings, get_shaper
 from service.domain import ScoreItem, ScoreResult
 from service.engine import RewardEngine
 from service.errors import Invalid
@@ -35,6 +37,7 @@ from service.schemas import ObjectiveIn, valid_user_id
 from service.shaping import RewardShaper, Shaping
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 # Reasons an item was changed before scoring (the `reason` label of pal_rlhf_flagged).
 LABEL_NOT_A_USER = "label_not_a_user"  # a bool, float, dict, list or over-long label: population reward
@@ -62,8 +65,34 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def unprocessable(message: str) -> Invalid:
-    return Invalid(message)
+def protocol_router() -> APIRouter:
+    """A protocol's router: every route behind the API key, documenting the errors it can answer."""
+    return APIRouter(tags=["rlhf"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a protocol route scores with, resolved as one dependency: its request (its queued work is dropped
+    when the client hangs up), the loaded model's engine, chat renderer and reward shaper, and the settings."""
+
+    request: Request
+    engine: RewardEngine
+    renderer: ChatRenderer
+    shaper: RewardShaper
+    settings: Settings
+
+
+async def served(
+    request: Request,
+    engine: RewardEngine = Depends(get_engine),
+    renderer: ChatRenderer = Depends(get_renderer),
+    shaper: RewardShaper = Depends(get_shaper),
+    settings: Settings = Depends(get_settings),
+) -> Served:
+    return Served(request, engine, renderer, shaper, settings)
+
+
+ServedDep = Annotated[Served, Depends(served)]
 
 
 @dataclass
@@ -178,6 +207,28 @@ def cut_text(text: str, limit: int, side: str) -> tuple[str, bool]:
     return (text[-limit:] if side == "left" else text[:limit]), True
 
 
+def cut_left(text: str, limit: int, parse: Callable[[str], Pair]) -> Pair:
+    """parse(text) after cutting the text to `limit` characters from the left (its end, where the response is,
+    is kept), flagged TEXT_CUT when it was cut."""
+    text, cut = cut_text(text, limit, "left")
+    pair = parse(text)
+    if cut:
+        pair.flags.add(TEXT_CUT)
+    return pair
+
+
+def each_pair(values: Sequence[V], where: str, parse: Callable[[int, V], Pair]) -> list[Pair]:
+    """parse(i, value) for every value of a request's list `where`; markup that cannot be read is a 422 naming
+    the value (`where[i]: why`)."""
+    pairs = []
+    for i, value in enumerate(values):
+        try:
+            pairs.append(parse(i, value))
+        except ChatFormatError as e:
+            raise Invalid(f"{where}[{i}]: {e}") from e
+    return pairs
+
+
 def truncation_side(engine: RewardEngine) -> str:
     return str(getattr(engine.scorer.meta.encoder, "truncation_side", "left"))
 
@@ -221,19 +272,13 @@ class Scored:
 
 
 async def score_pairs(
-    request: Request,
-    engine: RewardEngine,
-    settings: Settings,
-    shaper: RewardShaper,
-    pairs: Sequence[Pair],
-    route: str,
-    shaping: Shaping | None = None,
-    with_prototypes: bool = False,
+    s: Served, pairs: Sequence[Pair], route: str, shaping: Shaping | None = None, with_prototypes: bool = False
 ) -> Scored:
     """Score canonical pairs; texts over PAL_MAX_TEXT_CHARS are cut (flagged), rewards shaped, flags counted.
 
     A client that disconnects drops its queued work. Reads state only, so a client may retry it freely.
     """
+    engine, settings = s.engine, s.settings
     side = truncation_side(engine)
     items = []
     for pair in pairs:
@@ -244,18 +289,14 @@ async def score_pairs(
         items.append(ScoreItem(prompt=prompt, response=response, user_id=pair.user, objective=pair.objective))
     if not items:
         return Scored([], [], [], engine.version)
-    results, version = await until_disconnect(request, engine.score(items, with_prototypes=with_prototypes))
+    results, version = await until_disconnect(s.request, engine.score(items, with_prototypes=with_prototypes))
     for pair, r in zip(pairs, results, strict=True):
         if pair.user is not None and not r.personalized:
             pair.flags.add(NO_FIT)
     mode = shaping or settings.reward_shaping
-    rewards = shaper.shape([r.reward for r in results], [p.user for p in pairs], mode)
+    rewards = s.shaper.shape([r.reward for r in results], [p.user for p in pairs], mode)
     if engine.metrics is not None:
         for pair in pairs:
             for reason in pair.flags:
                 engine.metrics.rlhf_flagged.labels(route, reason).inc()
     return Scored(results, rewards, [p.flags for p in pairs], version)
-
-
-def as_422(e: ChatFormatError, where: str) -> Invalid:
-    return unprocessable(f"{where}: {e}")

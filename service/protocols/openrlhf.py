@@ -27,32 +27,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.chat import MARKUP_TOKENS, ChatFormatError, ChatRenderer, split_query, strip_special, visible_text
-from service.auth import require_api_key
-from service.config import Settings
-from service.deps import get_engine, get_renderer, get_settings, get_shaper
-from service.engine import RewardEngine
+from service.errors import Invalid
 from service.protocols.common import (
-    ERROR_RESPONSES,
     QUERY_LEFT_TRUNCATED,
     QUERY_NOT_SPLIT,
-    TEXT_CUT,
     Pair,
-    as_422,
-    cut_text,
+    ServedDep,
+    cut_left,
+    each_pair,
     off_loop,
+    protocol_router,
     reject_non_finite,
     score_pairs,
     target_from_label,
-    unprocessable,
 )
 from service.schemas import check_count
-from service.shaping import RewardShaper, Shaping
+from service.shaping import Shaping
 
-router = APIRouter(tags=["rlhf"])
+router = protocol_router()
 
 
 class GetRewardRequest(BaseModel):
@@ -79,7 +75,7 @@ def _as_list(value: object, n: int, name: str) -> list:
         return [None] * n
     values = value if isinstance(value, list) else [value]
     if len(values) != n:
-        raise unprocessable(f"'{name}' has {len(values)} entries but 'query' has {n}")
+        raise Invalid(f"'{name}' has {len(values)} entries but 'query' has {n}")
     return values
 
 
@@ -132,38 +128,26 @@ def _pair(renderer: ChatRenderer, query: str, prompt: str | None) -> Pair:
 
 
 def _pairs(renderer: ChatRenderer, queries: list[str], prompts: list, limit: int) -> list[Pair]:
-    pairs = []
-    for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
-        # A query over twice the text limit loses its start, as OpenRLHF's own prompt truncation does: the
-        # response (at the end) is kept, and the prompt comes from `prompts`.
-        query, cut = cut_text(query, limit, "left")
-        try:
-            pair = _pair(renderer, query, prompt)
-        except ChatFormatError as e:
-            raise as_422(e, f"query[{i}]") from e
-        if cut:
-            pair.flags.add(TEXT_CUT)
-        pairs.append(pair)
-    return pairs
+    # A query over twice the text limit loses its start, as OpenRLHF's own prompt truncation does: the response
+    # (at the end) is kept, and the prompt comes from `prompts`.
+    def parse(i: int, query: str) -> Pair:
+        return cut_left(query, limit, lambda q: _pair(renderer, q, prompts[i]))
+
+    return each_pair(queries, "query", parse)
 
 
 @router.post(
     "/get_reward",
     response_model=GetRewardResponse,
-    dependencies=[Depends(require_api_key)],
-    responses=ERROR_RESPONSES,
     summary="OpenRLHF remote reward model: rewards for templated prompt+response queries, labels = user ids",
 )
 async def get_reward(
     req: GetRewardRequest,
-    request: Request,
     response: Response,
+    s: ServedDep,
     shaping: Shaping | None = Query(default=None, description="reward transform (e.g. in --reward.remote_url)"),
-    engine: RewardEngine = Depends(get_engine),
-    renderer: ChatRenderer = Depends(get_renderer),
-    shaper: RewardShaper = Depends(get_shaper),
-    settings: Settings = Depends(get_settings),
 ) -> GetRewardResponse:
+    engine, renderer, settings = s.engine, s.renderer, s.settings
     queries = req.query if isinstance(req.query, list) else [req.query]
     # OpenRLHF shards a batch over its reward servers; a server can get an empty shard and must answer it.
     check_count(len(queries), settings, "queries", allow_empty=True)
@@ -172,7 +156,7 @@ async def get_reward(
     pairs = await off_loop(lambda: _pairs(renderer, queries, prompts, 2 * settings.max_text_chars))
     for pair, label in zip(pairs, labels, strict=True):
         target_from_label(pair, label, engine, settings.label_user, settings.label_user_key)
-    scored = await score_pairs(request, engine, settings, shaper, pairs, "/get_reward", req.shaping or shaping)
+    scored = await score_pairs(s, pairs, "/get_reward", req.shaping or shaping)
     response.headers["X-Model-Version"] = scored.version
     return GetRewardResponse(
         rewards=scored.rewards,

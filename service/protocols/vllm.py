@@ -19,29 +19,25 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.chat import ChatFormatError, ChatRenderer
-from service.auth import require_api_key
-from service.config import Settings
-from service.deps import get_engine, get_renderer, get_settings, get_shaper
-from service.engine import RewardEngine
+from models.chat import ChatRenderer
 from service.protocols.common import (
-    ERROR_RESPONSES,
-    TEXT_CUT,
     Pair,
-    as_422,
+    ServedDep,
     conversation_pair,
-    cut_text,
+    cut_left,
+    each_pair,
     off_loop,
+    protocol_router,
     score_pairs,
 )
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import check_count
-from service.shaping import RewardShaper, Shaping
+from service.shaping import Shaping
 
-router = APIRouter(tags=["rlhf"])
+router = protocol_router()
 
 
 class ClassifyRequest(BaseModel):
@@ -93,19 +89,14 @@ def _conversations(req: ClassifyRequest) -> list[list[MessageIn]]:
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    dependencies=[Depends(require_api_key)],
-    responses=ERROR_RESPONSES,
     summary="vLLM-style classification: population reward of each input as probs=[reward]",
 )
 async def classify(
     req: ClassifyRequest,
-    request: Request,
+    s: ServedDep,
     shaping: Shaping | None = Query(default=None, description="reward transform; `activation` means sigmoid"),
-    engine: RewardEngine = Depends(get_engine),
-    renderer: ChatRenderer = Depends(get_renderer),
-    shaper: RewardShaper = Depends(get_shaper),
-    settings: Settings = Depends(get_settings),
 ) -> ClassifyResponse:
+    renderer, settings = s.renderer, s.settings
     if req.input is not None:
         texts = [req.input] if isinstance(req.input, str) else req.input
         check_count(len(texts), settings, "inputs")
@@ -115,7 +106,7 @@ async def classify(
         check_count(len(conversations), settings, "conversations")
         pairs = await off_loop(lambda: _message_pairs(renderer, conversations))
     squash = req.activation if req.use_activation is None else req.use_activation
-    scored = await score_pairs(request, engine, settings, shaper, pairs, "/classify", "sigmoid" if squash else shaping)
+    scored = await score_pairs(s, pairs, "/classify", "sigmoid" if squash else shaping)
     n_tokens = sum(r.tokens for r in scored.results)  # counted once, when the batcher tokenized them
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",
@@ -127,24 +118,8 @@ async def classify(
 
 
 def _text_pairs(renderer: ChatRenderer, texts: list[str], limit: int) -> list[Pair]:
-    pairs = []
-    for i, text in enumerate(texts):
-        text, cut = cut_text(text, limit, "left")  # keep the end, where the response is
-        try:
-            pair = Pair(*renderer.pair_from_text(text))
-        except ChatFormatError as e:
-            raise as_422(e, f"input[{i}]") from e
-        if cut:
-            pair.flags.add(TEXT_CUT)
-        pairs.append(pair)
-    return pairs
+    return each_pair(texts, "input", lambda _, text: cut_left(text, limit, lambda t: Pair(*renderer.pair_from_text(t))))
 
 
 def _message_pairs(renderer: ChatRenderer, conversations: list[list[MessageIn]]) -> list[Pair]:
-    pairs = []
-    for i, conv in enumerate(conversations):
-        try:
-            pairs.append(conversation_pair(renderer, as_dicts(conv)))
-        except ChatFormatError as e:
-            raise as_422(e, f"messages[{i}]") from e
-    return pairs
+    return each_pair(conversations, "messages", lambda _, conv: conversation_pair(renderer, as_dicts(conv)))

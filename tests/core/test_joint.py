@@ -4,6 +4,7 @@ same users and pairs as the per-conversation models."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tests.core.polis_fixture import write_conversation
 
 
 def test_joint_model_is_trained_once_and_scored_per_conversation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config_writes: Counter[Path]
 ) -> None:
     from training.data.polis import PolisParams, build_polis
     from training.pipeline import evaluate_preset
@@ -38,3 +39,7 @@ def test_joint_model_is_trained_once_and_scored_per_conversation(
         assert m["unseen_fewshot"]["1"]["n_users"] == len(splits.unseen_users)
         served = exp["models"]["served"]["served_selection"]["served_k"]
         assert read_checkpoint(out / exp["experiment"].replace("/", "_") / "served").meta.pal.k == served
+    # every checkpoint's config.json written once, the joint ones after every data set's numbers are known
+    served_dirs = [out / e["experiment"].replace("/", "_") / "served" for e in report["experiments"]]
+    assert config_writes == dict.fromkeys([out / "k1", out / "k2", *served_dirs], 1)
+    assert set(joint.meta.metrics["per_data_set"]) == {"polis/dense-a", "polis/dense-b"}

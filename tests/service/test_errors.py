@@ -207,3 +207,18 @@ async def test_client_disconnect_drops_its_queued_work(settings, scorer_b) -> No
         assert c.app.state.engine.batcher.queue_depth == 0
         assert "pal_batch_items_count 0.0" in (await c.get("/metrics")).text
         assert sent[0]["status"] == 499
+
+
+async def test_the_guard_refuses_with_the_service_errors() -> None:
+    # The guard answers before routing, but through the same hierarchy and errors.error_response as the app.
+    from service import errors
+    from service.guard import check_json
+
+    for body, kind in (
+        (b'{"a": 1, "a": 2}', errors.Invalid),
+        (b'{"a": NaN}', errors.Invalid),
+        (b"[[[[[[[[[[[[]]]]]]]]]]]]", errors.TooLarge),  # 13 values
+        (b"[1, 2, 3, 4, 5, 6]", errors.TooLarge),  # a list past max_list
+    ):
+        with pytest.raises(kind):
+            check_json(body, max_values=10, max_list=5)
