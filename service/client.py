@@ -303,7 +303,26 @@ class _Calls(Generic[T]):
     """Every call of the API, once. `_drive` runs a call: the sync face returns its result, the async face an
     awaitable of it, so each method below returns `X` on PalClient and `Awaitable[X]` on AsyncPalClient."""
 
-    config: _Config
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
+        batch_size: int = 256,
+        retry: RetryPolicy | None = None,
+        seed: int | None = None,
+        sleep: Callable[[float], Any] | None = None,
+    ) -> None:
+        """`sleep` waits between retries (time.sleep / asyncio.sleep by default; tests pass their own); `seed`
+        makes the retry jitter reproducible."""
+        self.config = _Config(url, api_key, timeout_s, connect_timeout_s, batch_size, retry or RetryPolicy(), seed)
+        self._rng = random.Random(seed)
+        self._open(sleep)
+
+    def _open(self, sleep: Callable[[float], Any] | None) -> None:
+        """The face's HTTP client and sleep."""
+        raise NotImplementedError
 
     def _drive(self, call: Call[Any]) -> Any:
         raise NotImplementedError
@@ -445,21 +464,12 @@ def _wait_ready(timeout_s: float, poll_s: float) -> Call[Json]:
 class PalClient(_Calls[Any]):
     """Blocking client. Thread-safe (one httpx.Client underneath); use as a context manager or call close()."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        timeout_s: float = 60.0,
-        connect_timeout_s: float = 5.0,
-        batch_size: int = 256,
-        retry: RetryPolicy | None = None,
-        seed: int | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.config = _Config(url, api_key, timeout_s, connect_timeout_s, batch_size, retry or RetryPolicy(), seed)
+    _http: httpx.Client
+    _sleep: Callable[[float], None]
+
+    def _open(self, sleep: Callable[[float], Any] | None) -> None:
         self._http = httpx.Client(**self.config.client_kwargs())
-        self._rng = random.Random(seed)
-        self._sleep = sleep
+        self._sleep = sleep or time.sleep
 
     def __enter__(self) -> PalClient:
         return self
@@ -508,23 +518,17 @@ class AsyncPalClient(_Calls[Any]):
     """asyncio client: PalClient's methods, each returning an awaitable; the chunks of one call are sent
     `max_concurrency` at a time."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        timeout_s: float = 60.0,
-        connect_timeout_s: float = 5.0,
-        batch_size: int = 256,
-        max_concurrency: int = 4,
-        retry: RetryPolicy | None = None,
-        seed: int | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.config = _Config(url, api_key, timeout_s, connect_timeout_s, batch_size, retry or RetryPolicy(), seed)
-        self._http = httpx.AsyncClient(**self.config.client_kwargs())
-        self._rng = random.Random(seed)
+    _http: httpx.AsyncClient
+    _sleep: Callable[[float], Awaitable[None]]
+
+    def __init__(self, url: str, *args: Any, max_concurrency: int = 4, **kwargs: Any) -> None:
+        """PalClient's arguments (`sleep` must be a coroutine function), and `max_concurrency`."""
+        super().__init__(url, *args, **kwargs)
         self._max_concurrency = max(1, max_concurrency)
-        self._sleep = sleep
+
+    def _open(self, sleep: Callable[[float], Any] | None) -> None:
+        self._http = httpx.AsyncClient(**self.config.client_kwargs())
+        self._sleep = sleep or asyncio.sleep
 
     async def __aenter__(self) -> AsyncPalClient:
         return self
