@@ -19,24 +19,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from models.chat import ChatRenderer
 from service.objectives import validate as validate_objective
-from service.protocols.common import (
-    NO_ASSISTANT,
-    Pair,
-    ServedDep,
-    conversation_pair,
-    each_pair,
-    off_loop,
-    protocol_router,
-    reject_non_finite,
-    score_pairs,
-    until_last_assistant,
-    user_from_label,
-)
+from service.protocols import common
+from service.protocols.common import Pair, ServedDep
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import ObjectiveIn, ScoreItemOut, check_count
 from service.shaping import Shaping
 
-router = protocol_router()
+router = common.protocol_router()
 
 
 class ChatItemIn(BaseModel):
@@ -45,7 +34,7 @@ class ChatItemIn(BaseModel):
     messages: list[MessageIn] | None = Field(default=None, description="whole conversation, last = response")
     prompt: str | list[MessageIn] | None = None
     response: str | MessageIn | list[MessageIn] | None = None
-    user_id: Annotated[Any, AfterValidator(reject_non_finite)] = Field(
+    user_id: Annotated[Any, AfterValidator(common.reject_non_finite)] = Field(
         default=None,
         description="the user (any string up to 512 characters, or an int); null, or a value that is not a user id "
         "(a bool, float, dict...), scores with the population prior and is flagged personalized: false",
@@ -87,7 +76,7 @@ class ChatScoreResponse(BaseModel):
 def _pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
     """The canonical (prompt, response) of one item; turns after the last assistant one (tool results) dropped."""
     if item.messages is not None:
-        return conversation_pair(renderer, as_dicts(item.messages))
+        return common.conversation_pair(renderer, as_dicts(item.messages))
     pair = Pair("", "")
     raw_prompt = item.prompt if item.prompt is not None else ""
     pair.prompt = renderer.prompt_any(raw_prompt if isinstance(raw_prompt, str) else as_dicts(raw_prompt))
@@ -96,8 +85,8 @@ def _pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
     if isinstance(resp, MessageIn):
         resp = resp.as_dict()
     elif isinstance(resp, list):
-        resp, flag = until_last_assistant(as_dicts(resp))
-    pair.response = "" if flag == NO_ASSISTANT or resp == [] else renderer.response_any(resp)
+        resp, flag = common.until_last_assistant(as_dicts(resp))
+    pair.response = "" if flag == common.NO_ASSISTANT or resp == [] else renderer.response_any(resp)
     if flag is not None:
         pair.flags.add(flag)
     return pair
@@ -109,14 +98,14 @@ def _scored_pair(renderer: ChatRenderer, item: ChatItemIn) -> Pair:
     if item.objective is not None:
         pair.objective = item.objective.to_objective()
     else:
-        pair.user, flag = user_from_label(item.user_id)
+        pair.user, flag = common.user_from_label(item.user_id)
         if flag is not None:
             pair.flags.add(flag)
     return pair
 
 
 def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
-    return each_pair(items, "items", lambda _, item: _scored_pair(renderer, item))
+    return common.each_pair(items, "items", lambda _, item: _scored_pair(renderer, item))
 
 
 @router.post(
@@ -127,11 +116,11 @@ def _pairs(renderer: ChatRenderer, items: list[ChatItemIn]) -> list[Pair]:
 async def score_chat(req: ChatScoreRequest, s: ServedDep) -> ChatScoreResponse:
     settings = s.settings
     check_count(len(req.items), settings)
-    pairs = await off_loop(lambda: _pairs(s.renderer, req.items))
+    pairs = await common.off_loop(lambda: _pairs(s.renderer, req.items))
     for pair in pairs:
         if pair.objective is not None:
             validate_objective(pair.objective, s.engine.k)  # a typed field: a bad one is a 422
-    scored = await score_pairs(s, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes)
+    scored = await common.score_pairs(s, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes)
     return ChatScoreResponse(
         model_version=scored.version,
         shaping=req.shaping or settings.reward_shaping,

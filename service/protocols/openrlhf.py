@@ -32,23 +32,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.chat import MARKUP_TOKENS, ChatFormatError, ChatRenderer, split_query, strip_special, visible_text
 from service.errors import Invalid
-from service.protocols.common import (
-    QUERY_LEFT_TRUNCATED,
-    QUERY_NOT_SPLIT,
-    Pair,
-    ServedDep,
-    cut_left,
-    each_pair,
-    off_loop,
-    protocol_router,
-    reject_non_finite,
-    score_pairs,
-    target_from_label,
-)
+from service.protocols import common
+from service.protocols.common import Pair, ServedDep
 from service.schemas import check_count
 from service.shaping import Shaping
 
-router = protocol_router()
+router = common.protocol_router()
 
 
 class GetRewardRequest(BaseModel):
@@ -58,7 +47,7 @@ class GetRewardRequest(BaseModel):
     query: list[str] | str = Field(description="prompt + response strings, as the policy's tokenizer decoded them")
     prompts: list[str] | str | None = Field(default=None, description="the prompt of each query (a prefix of it)")
     # Any JSON: a label column may hold ground truths, numbers or dicts; PAL_LABEL_USER says which name a user.
-    labels: Annotated[Any, AfterValidator(reject_non_finite)] = Field(
+    labels: Annotated[Any, AfterValidator(common.reject_non_finite)] = Field(
         default=None, description="the user of each query (PAL_LABEL_USER); null = population"
     )
     shaping: Shaping | None = Field(default=None, description="reward transform; unset: ?shaping= or the default")
@@ -122,18 +111,18 @@ def _pair(renderer: ChatRenderer, query: str, prompt: str | None) -> Pair:
         pass
     reply = split_left_truncated(query, prompt, renderer.strip_tokens)
     if reply is not None:
-        return Pair(renderer.prompt_from_text(prompt), reply, flags={QUERY_LEFT_TRUNCATED})
+        return Pair(renderer.prompt_from_text(prompt), reply, flags={common.QUERY_LEFT_TRUNCATED})
     # The query does not hold its prompt (another tokenizer, an edited prompt): its own markup, else all reply.
-    return Pair(*renderer.pair_from_text(query), flags={QUERY_NOT_SPLIT})
+    return Pair(*renderer.pair_from_text(query), flags={common.QUERY_NOT_SPLIT})
 
 
 def _pairs(renderer: ChatRenderer, queries: list[str], prompts: list, limit: int) -> list[Pair]:
     # A query over twice the text limit loses its start, as OpenRLHF's own prompt truncation does: the response
     # (at the end) is kept, and the prompt comes from `prompts`.
     def parse(i: int, query: str) -> Pair:
-        return cut_left(query, limit, lambda q: _pair(renderer, q, prompts[i]))
+        return common.cut_left(query, limit, lambda q: _pair(renderer, q, prompts[i]))
 
-    return each_pair(queries, "query", parse)
+    return common.each_pair(queries, "query", parse)
 
 
 @router.post(
@@ -153,10 +142,10 @@ async def get_reward(
     check_count(len(queries), settings, "queries", allow_empty=True)
     prompts = _as_list(req.prompts, len(queries), "prompts")
     labels = _as_list(req.labels, len(queries), "labels")
-    pairs = await off_loop(lambda: _pairs(renderer, queries, prompts, 2 * settings.max_text_chars))
+    pairs = await common.off_loop(lambda: _pairs(renderer, queries, prompts, 2 * settings.max_text_chars))
     for pair, label in zip(pairs, labels, strict=True):
-        target_from_label(pair, label, engine, settings.label_user, settings.label_user_key)
-    scored = await score_pairs(s, pairs, "/get_reward", req.shaping or shaping)
+        common.target_from_label(pair, label, engine, settings.label_user, settings.label_user_key)
+    scored = await common.score_pairs(s, pairs, "/get_reward", req.shaping or shaping)
     response.headers["X-Model-Version"] = scored.version
     return GetRewardResponse(
         rewards=scored.rewards,

@@ -23,21 +23,13 @@ from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatRenderer
-from service.protocols.common import (
-    Pair,
-    ServedDep,
-    conversation_pair,
-    cut_left,
-    each_pair,
-    off_loop,
-    protocol_router,
-    score_pairs,
-)
+from service.protocols import common
+from service.protocols.common import Pair, ServedDep
 from service.protocols.messages import MessageIn, as_dicts
 from service.schemas import check_count
 from service.shaping import Shaping
 
-router = protocol_router()
+router = common.protocol_router()
 
 
 class ClassifyRequest(BaseModel):
@@ -100,13 +92,13 @@ async def classify(
     if req.input is not None:
         texts = [req.input] if isinstance(req.input, str) else req.input
         check_count(len(texts), settings, "inputs")
-        pairs = await off_loop(lambda: _text_pairs(renderer, texts, 2 * settings.max_text_chars))
+        pairs = await common.off_loop(lambda: _text_pairs(renderer, texts, 2 * settings.max_text_chars))
     else:
         conversations = _conversations(req)
         check_count(len(conversations), settings, "conversations")
-        pairs = await off_loop(lambda: _message_pairs(renderer, conversations))
+        pairs = await common.off_loop(lambda: _message_pairs(renderer, conversations))
     squash = req.activation if req.use_activation is None else req.use_activation
-    scored = await score_pairs(s, pairs, "/classify", "sigmoid" if squash else shaping)
+    scored = await common.score_pairs(s, pairs, "/classify", "sigmoid" if squash else shaping)
     n_tokens = sum(r.tokens for r in scored.results)  # counted once, when the batcher tokenized them
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",
@@ -118,8 +110,12 @@ async def classify(
 
 
 def _text_pairs(renderer: ChatRenderer, texts: list[str], limit: int) -> list[Pair]:
-    return each_pair(texts, "input", lambda _, text: cut_left(text, limit, lambda t: Pair(*renderer.pair_from_text(t))))
+    return common.each_pair(
+        texts, "input", lambda _, text: common.cut_left(text, limit, lambda t: Pair(*renderer.pair_from_text(t)))
+    )
 
 
 def _message_pairs(renderer: ChatRenderer, conversations: list[list[MessageIn]]) -> list[Pair]:
-    return each_pair(conversations, "messages", lambda _, conv: conversation_pair(renderer, as_dicts(conv)))
+    return common.each_pair(
+        conversations, "messages", lambda _, conv: common.conversation_pair(renderer, as_dicts(conv))
+    )
