@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from models.checkpoint import USER_IDS_FILE, USERS_FILE, check_head_arrays, check_user_arrays
 from models.config import EncoderSpec, PALConfig
 from models.head import HeadParams, softmax
 
@@ -38,8 +39,6 @@ GRAPH_FP32 = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"
 GRAPH_PORTABLE = "model.portable.onnx"
 HEAD_FILE = "head.safetensors"
-USERS_FILE = "users.safetensors"
-USER_IDS_FILE = "users.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -178,17 +177,10 @@ def read_meta(directory: str | Path) -> BundleMeta:
 
 def read_head(directory: str | Path, meta: BundleMeta) -> HeadParams:
     """Head parameters, checked against the shapes the config implies."""
-    from models.checkpoint import expected_head_shapes  # numpy-only module
 
     path = Path(directory) / HEAD_FILE
     arrays = _load_safetensors(path)
-    for name, shape in expected_head_shapes(meta.pal).items():
-        if name not in arrays:
-            raise BundleError(f"{path} lacks parameter {name!r}")
-        if tuple(arrays[name].shape) != shape:
-            raise BundleError(f"{path}: {name} has shape {tuple(arrays[name].shape)}, config implies {shape}")
-        if not np.isfinite(arrays[name]).all():
-            raise BundleError(f"{path}: {name} holds NaN or inf")
+    check_head_arrays(arrays, meta.pal, path, BundleError)
     return HeadParams(meta.pal, {k: v.astype(np.float64) for k, v in arrays.items()})
 
 
@@ -200,13 +192,7 @@ def read_users(directory: str | Path, meta: BundleMeta) -> dict[str, np.ndarray]
         user_ids = json.loads((directory / USER_IDS_FILE).read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"bundle {directory}: unreadable {USER_IDS_FILE}: {e}") from e
-    if not isinstance(user_ids, list) or not all(isinstance(u, str) for u in user_ids):
-        raise BundleError(f"{directory / USER_IDS_FILE} must be a JSON list of strings")
-    if logits is None or logits.ndim != 2 or logits.shape != (len(user_ids), meta.pal.k):
-        shape = None if logits is None else logits.shape
-        raise BundleError(f"{directory / USERS_FILE}: logits {shape} do not match {len(user_ids)} users x K")
-    if not np.isfinite(logits).all():
-        raise BundleError(f"{directory / USERS_FILE}: logits hold NaN or inf")
+    check_user_arrays(logits, user_ids, meta.pal.k, directory, BundleError)
     return dict(zip(user_ids, softmax(logits.astype(np.float64)), strict=True))
 
 

@@ -155,6 +155,31 @@ def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
     write_config(directory, meta)
 
 
+def check_head_arrays(arrays: dict[str, np.ndarray], cfg: PALConfig, path: Path, error: type[ValueError]) -> None:
+    """Every parameter the config implies, in its shape, finite: checkpoints and bundles hold the same head."""
+    for name, shape in expected_head_shapes(cfg).items():
+        if name not in arrays:
+            raise error(f"{path} lacks parameter {name!r}")
+        if tuple(arrays[name].shape) != shape:
+            raise error(f"{path}: {name} has shape {tuple(arrays[name].shape)}, config implies {shape}")
+        if not np.isfinite(arrays[name]).all():
+            raise error(f"{path}: {name} holds NaN or inf")
+
+
+def check_user_arrays(
+    logits: np.ndarray | None, user_ids: Any, k: int, directory: Path, error: type[ValueError]
+) -> None:
+    """Seen users' ids (a JSON list of strings) and their (n_users, K) finite logits, as checkpoints and bundles
+    store them."""
+    if not isinstance(user_ids, list) or not all(isinstance(u, str) for u in user_ids):
+        raise error(f"{directory / USER_IDS_FILE} must be a JSON list of strings")
+    if logits is None or logits.ndim != 2 or logits.shape != (len(user_ids), k):
+        shape = None if logits is None else logits.shape
+        raise error(f"{directory / USERS_FILE}: logits {shape} do not match {len(user_ids)} users x K={k}")
+    if not np.isfinite(logits).all():
+        raise error(f"{directory / USERS_FILE}: logits hold NaN or inf")
+
+
 def read_checkpoint(directory: str | Path, verify_version: bool = True) -> Checkpoint:
     """Load and validate a checkpoint directory with numpy only; CheckpointError says what is wrong."""
     directory = Path(directory)
@@ -175,22 +200,8 @@ def read_checkpoint(directory: str | Path, verify_version: bool = True) -> Check
         user_ids = json.loads((directory / USER_IDS_FILE).read_text())
     except (SafetensorError, KeyError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {directory} has unreadable weights: {e}") from e
-    expected = expected_head_shapes(meta.pal)
-    for name, shape in expected.items():
-        if name not in head:
-            raise CheckpointError(f"{MODEL_FILE} lacks parameter {name!r}")
-        if tuple(head[name].shape) != shape:
-            raise CheckpointError(
-                f"{MODEL_FILE}: {name} has shape {tuple(head[name].shape)}, config implies {shape}"
-            )
-        if not np.isfinite(head[name]).all():
-            raise CheckpointError(f"{MODEL_FILE}: {name} holds NaN or inf")
-    if not isinstance(user_ids, list) or not all(isinstance(u, str) for u in user_ids):
-        raise CheckpointError(f"{USER_IDS_FILE} must be a JSON list of strings")
-    if logits.ndim != 2 or logits.shape != (len(user_ids), meta.pal.k) or not np.isfinite(logits).all():
-        raise CheckpointError(
-            f"{USERS_FILE}: logits {logits.shape} do not match {len(user_ids)} users x K={meta.pal.k}"
-        )
+    check_head_arrays(head, meta.pal, directory / MODEL_FILE, CheckpointError)
+    check_user_arrays(logits, user_ids, meta.pal.k, directory, CheckpointError)
     if len(meta.prior_weights) != meta.pal.k or abs(sum(meta.prior_weights) - 1) > 1e-3:
         raise CheckpointError("config.json prior_weights must be K weights summing to 1")
     if verify_version and meta.version != content_version(directory):
