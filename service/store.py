@@ -7,8 +7,9 @@ Keys, all of one user in one cluster hash slot thanks to the {braces}:
                              the length of its JSON [prompt, chosen, rejected] (what the byte cap counts); entries
                              written before texts were stored once are that JSON itself, read as before and rewritten
                              to digests the next time the user is read for a refit
-    {prefix}:u:{<user>}:t    hash of the user's texts, each stored once: digest -> "<uses>:<UTF-8 text>", uses
-                             being how many stored comparisons refer to it (it goes when the last one is dropped)
+    {prefix}:u:{<user>}:t    hash of the user's texts, each stored once: digest -> "<uses>:<UTF-8 text>" (or
+                             "<uses>z<deflated text>" when that is smaller), uses being how many stored comparisons
+                             refer to it (it goes when the last one is dropped)
     {prefix}:u:{<user>}:seq  how many comparisons were ever appended (monotonic; survives the caps)
     {prefix}:u:{<user>}:gen  the user's generation: a random token set by the first append after the user was
                              created or deleted; every fit records the one it was computed from
@@ -49,6 +50,7 @@ import json
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -91,6 +93,7 @@ return 1
 
 _APPEND_ARGS = 7  # ARGV before the comparisons
 _PER_COMPARISON = 7  # ARGV per comparison: its entry, then digest and text of its prompt, chosen and rejected
+COMPRESS_FROM = 200  # bytes from which a text is stored deflated if that is smaller
 DIGEST_BYTES = 8  # of a text's blake2b digest: per user, so a collision could only mix up texts of one user
 
 # Shared by the scripts that add or drop comparisons. An entry "=<size>:<3 digests>" refers to texts in the user's
@@ -100,14 +103,14 @@ local function size(v)
   if string.byte(v, 1) ~= 61 then return #v end
   return tonumber(string.sub(v, 2, string.find(v, ':', 2, true) - 1))
 end
--- A stored text is "<uses>:<text>": its count of uses rides in its value (a field of its own would cost a hash
--- entry per text, as much as the text itself for short ones).
+-- A stored text is "<uses>" + its stored form (":" + the text, or "z" + it deflated): the count of uses rides in the
+-- value, as a field of its own would cost a hash entry per text, as much as the text itself for short ones.
 local function ref(txt, d, text)
   local cur = redis.call('HGET', txt, d)
   if not cur then
-    redis.call('HSET', txt, d, '1:' .. text)
+    redis.call('HSET', txt, d, '1' .. text)
   else
-    local sep = string.find(cur, ':', 1, true)
+    local sep = string.find(cur, '%D')
     redis.call('HSET', txt, d, (tonumber(string.sub(cur, 1, sep - 1)) + 1) .. string.sub(cur, sep))
   end
 end
@@ -118,7 +121,7 @@ local function unref(txt, v)
     local d = string.sub(refs, j, j + 7)
     local cur = redis.call('HGET', txt, d)
     if cur then
-      local sep = string.find(cur, ':', 1, true)
+      local sep = string.find(cur, '%D')
       local uses = tonumber(string.sub(cur, 1, sep - 1)) - 1
       if uses <= 0 then redis.call('HDEL', txt, d) else redis.call('HSET', txt, d, uses .. string.sub(cur, sep)) end
     end
@@ -795,12 +798,30 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # a lone surrogate (valid JSON) is stored and read back intact
 
 
+def _stored_form(text: bytes) -> bytes:
+    """How a text is kept: deflated when that saves a tenth (prose of a few hundred characters deflates to about
+    half; short texts do not shrink), else as is. Only this process reads it: the scripts move it unopened."""
+    if len(text) >= COMPRESS_FROM:
+        packed = zlib.compress(text, 6)
+        if len(packed) < 0.9 * len(text):
+            return b"z" + packed
+    return b":" + text
+
+
+def stored_text(value: bytes) -> str:
+    """A text from its value in the user's text hash ("<uses>" + its stored form)."""
+    form = value.lstrip(b"0123456789")
+    raw = zlib.decompress(form[1:]) if form[:1] == b"z" else form[1:]
+    return raw.decode("utf-8", "surrogatepass")
+
+
 def _packed(c: Comparison, size: int) -> list[bytes]:
     """The append script's arguments for one comparison: its list entry (its JSON size and its texts' digests),
-    then digest and text of each text."""
+    then digest and stored form of each text."""
     texts = [_utf8(t) for t in (c.prompt, c.chosen, c.rejected)]
     digests = [hashlib.blake2b(t, digest_size=DIGEST_BYTES).digest() for t in texts]
-    return [b"=%d:%b" % (size, b"".join(digests)), digests[0], texts[0], digests[1], texts[1], digests[2], texts[2]]
+    forms = [_stored_form(t) for t in texts]
+    return [b"=%d:%b" % (size, b"".join(digests)), digests[0], forms[0], digests[1], forms[1], digests[2], forms[2]]
 
 
 def _is_entry(raw: bytes) -> bool:
@@ -808,10 +829,10 @@ def _is_entry(raw: bytes) -> bool:
     return raw[:1] == b"="
 
 
-def _stored_text(value: bytes | None) -> str:
-    if value is None:  # every entry's texts are written by the script that writes the entry, and go after it
+def _text_of(value: bytes | None) -> str:
+    if value is None:  # an entry's texts are written by the script that writes the entry, and go after it
         raise RedisError("a stored comparison refers to a text that is not stored")
-    return value.split(b":", 1)[1].decode("utf-8", "surrogatepass")
+    return stored_text(value)
 
 
 def _digests(raw: bytes) -> tuple[bytes, bytes, bytes]:
@@ -824,7 +845,7 @@ def parse_comparisons(raw: Sequence[bytes], texts: Mapping[bytes, bytes | None])
     out = []
     for v in raw:
         if _is_entry(v):
-            p, c, r = (_stored_text(texts[d]) for d in _digests(v))
+            p, c, r = (_text_of(texts.get(d)) for d in _digests(v))
             out.append(Comparison(p, c, r))
         else:
             out.append(Comparison.from_json(v))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from service.store import Comparison, UserStore
+from service.store import Comparison, UserStore, stored_text
 from tests.support import running_app
 
 pytestmark = pytest.mark.anyio
@@ -37,7 +37,7 @@ async def store(tmp_path: Path) -> AsyncIterator[UserStore]:
 async def _texts(store: UserStore, user: str) -> dict[str, int]:
     """The user's stored texts -> how many stored comparisons use each."""
     raw = await store.r.hgetall(f"pal:u:{{{user}}}:t")
-    return {v.split(b":", 1)[1].decode(): int(v.split(b":", 1)[0]) for v in raw.values()}
+    return {stored_text(v): int(v[: len(v) - len(v.lstrip(b"0123456789"))]) for v in raw.values()}
 
 
 async def test_each_text_is_stored_once_and_goes_with_its_last_comparison(store: UserStore) -> None:
@@ -45,6 +45,8 @@ async def test_each_text_is_stored_once_and_goes_with_its_last_comparison(store:
     await store.append_comparisons("u", first)
     assert await _texts(store, "u") == {"Which answer?": 4, LONG: 4, **{f"short {i}": 1 for i in range(4)}}
     assert (await store.read_comparisons("u")) == (first, 4)
+    # A long text is kept deflated when that is smaller (prose deflates to about half).
+    assert max(len(v) for v in (await store.r.hgetall("pal:u:{u}:t")).values()) < len(LONG) / 2
 
     # Past the cap of 6 the oldest go, and with them the texts nothing kept uses.
     later = [Comparison("Another?", f"other {i}", LONG) for i in range(4)]
@@ -82,7 +84,11 @@ async def test_retention_expires_the_texts_with_the_comparisons(store: UserStore
 
 
 async def test_odd_texts_round_trip(store: UserStore) -> None:
-    odd = [Comparison("", "\ud800 lone surrogate", "é ü 😀"), Comparison("1:2:3", "=12:", "[\"json\"]")]
+    odd = [
+        Comparison("", "\ud800 lone surrogate", "é ü 😀"),
+        Comparison("1:2:3", "=12:", "[\"json\"]"),
+        Comparison("z" * 300, "12z" + "\ud800" * 100, "9" * 250),  # deflated, with a lone surrogate and digits
+    ]
     await store.append_comparisons("odd", odd)
     assert (await store.read_comparisons("odd"))[0] == odd
 
