@@ -3,8 +3,9 @@
 Keys, all of one user in one cluster hash slot thanks to the {braces}:
     <user> below is the id itself when plain ([A-Za-z0-9._:@-]{1,128}), else "~" + its urlsafe base64.
     {prefix}:u:{<user>}:c    list of comparisons, oldest first, capped by count and bytes (oldest dropped); each is
-                             "=<size>:" + the 8-byte digests of its prompt, chosen and rejected texts, <size> being
-                             the length of its JSON [prompt, chosen, rejected] (what the byte cap counts); entries
+                             "=<size>:" + a slot per text (prompt, chosen, rejected): its 8-byte digest, or the
+                             text itself if shorter than 32 bytes; <size> is the length of its JSON [prompt,
+                             chosen, rejected] (what the byte cap counts); entries
                              written before texts were stored once are that JSON itself, read as before and rewritten
                              to digests the next time the user is read for a refit
     {prefix}:u:{<user>}:t    hash of the user's texts, each stored once: digest -> "<uses>:<UTF-8 text>" (or
@@ -92,12 +93,14 @@ return 1
 """
 
 _APPEND_ARGS = 7  # ARGV before the comparisons
-_PER_COMPARISON = 7  # ARGV per comparison: its entry, then digest and text of its prompt, chosen and rejected
 COMPRESS_FROM = 200  # bytes from which a text is stored deflated if that is smaller
 DIGEST_BYTES = 8  # of a text's blake2b digest: per user, so a collision could only mix up texts of one user
+# Texts shorter than this stay in the entry: a digest and a hash entry would cost more than they save.
+INLINE_BELOW = 32
 
-# Shared by the scripts that add or drop comparisons. An entry "=<size>:<3 digests>" refers to texts in the user's
-# text hash (KEYS given as `txt`); one written before is the comparison's JSON itself, whose size is its length.
+# Shared by the scripts that add or drop comparisons. An entry is "=<size>:" and three slots, prompt, chosen,
+# rejected: "#" + the digest of a text in the user's text hash (KEYS given as `txt`), or "'" + one byte of length +
+# a short text itself. An entry written before is the comparison's JSON itself, whose size is its length.
 _TEXTS_LUA = """
 local function size(v)
   if string.byte(v, 1) ~= 61 then return #v end
@@ -106,6 +109,7 @@ end
 -- A stored text is "<uses>" + its stored form (":" + the text, or "z" + it deflated): the count of uses rides in the
 -- value, as a field of its own would cost a hash entry per text, as much as the text itself for short ones.
 local function ref(txt, d, text)
+  if d == '' then return end  -- a short text, inline in its entry
   local cur = redis.call('HGET', txt, d)
   if not cur then
     redis.call('HSET', txt, d, '1' .. text)
@@ -116,14 +120,19 @@ local function ref(txt, d, text)
 end
 local function unref(txt, v)
   if string.byte(v, 1) ~= 61 then return end
-  local refs = string.sub(v, -24)
-  for j = 1, 24, 8 do
-    local d = string.sub(refs, j, j + 7)
-    local cur = redis.call('HGET', txt, d)
-    if cur then
-      local sep = string.find(cur, '%D')
-      local uses = tonumber(string.sub(cur, 1, sep - 1)) - 1
-      if uses <= 0 then redis.call('HDEL', txt, d) else redis.call('HSET', txt, d, uses .. string.sub(cur, sep)) end
+  local pos = string.find(v, ':', 2, true) + 1
+  while pos <= #v do
+    if string.byte(v, pos) ~= 35 then
+      pos = pos + 2 + string.byte(v, pos + 1)
+    else
+      local d = string.sub(v, pos + 1, pos + 8)
+      pos = pos + 9
+      local cur = redis.call('HGET', txt, d)
+      if cur then
+        local sep = string.find(cur, '%D')
+        local uses = tonumber(string.sub(cur, 1, sep - 1)) - 1
+        if uses <= 0 then redis.call('HDEL', txt, d) else redis.call('HSET', txt, d, uses .. string.sub(cur, sep)) end
+      end
     end
   end
 end
@@ -131,7 +140,8 @@ end
 
 # KEYS: comparisons, seq, generation, bytes, weights, texts[, idempotency key, the user's index of idempotency keys]
 # ARGV: cap (count), cap (bytes), a new generation token, retention ms (0: none), body hash, key ttl seconds,
-#       now (unix seconds), then per comparison: its entry, and digest and text of each of its three texts.
+#       now (unix seconds), then per comparison: its entry, and digest and stored form of each of its three texts
+#       (both empty for a text inline in the entry).
 # Returns {1, seq, generation, stored} when appended, {0, seq of the first append, generation, stored} when the key
 # was already applied with this body, {-1, 0, '', 0} when it was applied with another body. The oldest comparisons
 # are dropped (and texts no kept comparison uses) while either cap is exceeded; the byte cap counts each
@@ -637,7 +647,8 @@ class UserStore:
 
         The pruned versions are first forgotten as seeded, so rolling back to one seeds its checkpoint users again
         (and users with comparisons are refitted, their fit being missing). Nothing happens, and nothing is
-        scanned, unless some version is past `keep`. Returns how many weight fields were deleted.
+        scanned, unless some version is past `keep`; of replicas pruning at once, only the one that forgets the
+        versions scans. Returns how many weight fields were deleted.
         """
         versions_key, seeded_key = f"{self.prefix}:versions", f"{self.prefix}:seeded"
         newest = [_text(v) for v in await self.r.zrevrange(versions_key, 0, keep - 1)]
@@ -653,7 +664,9 @@ class UserStore:
             p.zrem(versions_key, *old)
             for v in old:  # a rollback to one walks its users again
                 p.delete(self._sweep_key(v))
-            await p.execute()
+            unseeded, _, unversioned, *_ = await p.execute()
+        if not int(unseeded) and not int(unversioned):
+            return 0  # another replica forgot them first and walks the weights: one walk per retired version
         # Every field not kept goes, including any a replica of an older version wrote meanwhile.
         deleted, keys = 0, []
         async for key in self.r.scan_iter(match=f"{self.prefix}:u:{{*}}:w", count=1000):
@@ -816,12 +829,18 @@ def stored_text(value: bytes) -> str:
 
 
 def _packed(c: Comparison, size: int) -> list[bytes]:
-    """The append script's arguments for one comparison: its list entry (its JSON size and its texts' digests),
-    then digest and stored form of each text."""
-    texts = [_utf8(t) for t in (c.prompt, c.chosen, c.rejected)]
-    digests = [hashlib.blake2b(t, digest_size=DIGEST_BYTES).digest() for t in texts]
-    forms = [_stored_form(t) for t in texts]
-    return [b"=%d:%b" % (size, b"".join(digests)), digests[0], forms[0], digests[1], forms[1], digests[2], forms[2]]
+    """The append script's arguments for one comparison: its list entry (its JSON size and its three slots), then
+    digest and stored form of each text (both empty for a short text, which its slot holds)."""
+    slots, args = [], []
+    for text in (_utf8(t) for t in (c.prompt, c.chosen, c.rejected)):
+        if len(text) < INLINE_BELOW:
+            slots.append(b"'" + bytes([len(text)]) + text)
+            args += [b"", b""]
+        else:
+            digest = hashlib.blake2b(text, digest_size=DIGEST_BYTES).digest()
+            slots.append(b"#" + digest)
+            args += [digest, _stored_form(text)]
+    return [b"=%d:%b" % (size, b"".join(slots)), *args]
 
 
 def _is_entry(raw: bytes) -> bool:
@@ -835,9 +854,25 @@ def _text_of(value: bytes | None) -> str:
     return stored_text(value)
 
 
-def _digests(raw: bytes) -> tuple[bytes, bytes, bytes]:
-    refs = raw[-3 * DIGEST_BYTES :]
-    return refs[:DIGEST_BYTES], refs[DIGEST_BYTES : 2 * DIGEST_BYTES], refs[2 * DIGEST_BYTES :]
+def _slots(raw: bytes) -> list[bytes]:
+    """An entry's three slots: b"#" + a digest, or b"'" + length + a short text."""
+    out, pos = [], raw.index(b":") + 1
+    while pos < len(raw):
+        end = pos + 1 + DIGEST_BYTES if raw[pos] == ord("#") else pos + 2 + raw[pos + 1]
+        out.append(raw[pos:end])
+        pos = end
+    return out
+
+
+def _digests(raw: bytes) -> list[bytes]:
+    """The digests of the texts an entry refers to (not its inline ones)."""
+    return [s[1:] for s in _slots(raw) if s[:1] == b"#"]
+
+
+def _slot_text(slot: bytes, texts: Mapping[bytes, bytes | None]) -> str:
+    if slot[:1] == b"#":
+        return _text_of(texts.get(slot[1:]))
+    return slot[2:].decode("utf-8", "surrogatepass")
 
 
 def parse_comparisons(raw: Sequence[bytes], texts: Mapping[bytes, bytes | None]) -> list[Comparison]:
@@ -845,7 +880,7 @@ def parse_comparisons(raw: Sequence[bytes], texts: Mapping[bytes, bytes | None])
     out = []
     for v in raw:
         if _is_entry(v):
-            p, c, r = (_text_of(texts.get(d)) for d in _digests(v))
+            p, c, r = (_slot_text(s, texts) for s in _slots(v))
             out.append(Comparison(p, c, r))
         else:
             out.append(Comparison.from_json(v))

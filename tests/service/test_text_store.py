@@ -19,6 +19,7 @@ from tests.support import running_app
 pytestmark = pytest.mark.anyio
 
 LONG = "a long answer that many comparisons share " * 20
+PROMPT = "Which answer is kinder to a new colleague?"  # long enough (>= 32 bytes) to be stored by digest
 
 
 @pytest.fixture
@@ -41,31 +42,31 @@ async def _texts(store: UserStore, user: str) -> dict[str, int]:
 
 
 async def test_each_text_is_stored_once_and_goes_with_its_last_comparison(store: UserStore) -> None:
-    first = [Comparison("Which answer?", LONG, f"short {i}") for i in range(4)]
+    first = [Comparison(PROMPT, LONG, f"short {i}") for i in range(4)]
     await store.append_comparisons("u", first)
-    assert await _texts(store, "u") == {"Which answer?": 4, LONG: 4, **{f"short {i}": 1 for i in range(4)}}
+    assert await _texts(store, "u") == {PROMPT: 4, LONG: 4}  # short texts stay in their entries
     assert (await store.read_comparisons("u")) == (first, 4)
     # A long text is kept deflated when that is smaller (prose deflates to about half).
     assert max(len(v) for v in (await store.r.hgetall("pal:u:{u}:t")).values()) < len(LONG) / 2
 
     # Past the cap of 6 the oldest go, and with them the texts nothing kept uses.
-    later = [Comparison("Another?", f"other {i}", LONG) for i in range(4)]
+    later = [Comparison(f"Another question, number {i} of four", f"other {i}", LONG) for i in range(4)]
     await store.append_comparisons("u", later)
     kept = first[2:] + later
     assert (await store.read_comparisons("u")) == (kept, 8)
-    assert await _texts(store, "u") == {
-        "Which answer?": 2, LONG: 6, "short 2": 1, "short 3": 1, "Another?": 4, **{f"other {i}": 1 for i in range(4)}
-    }
+    assert await _texts(store, "u") == {PROMPT: 2, LONG: 6, **{c.prompt: 1 for c in later}}
     # The byte cap still counts each comparison's JSON, whatever the texts share.
     assert int(await store.r.get("pal:u:{u}:bytes")) == sum(len(c.to_json()) for c in kept)
+    await store.append_comparisons("u", [Comparison("p", "a", "b")] * 6)  # nothing long kept: no text hash left
+    assert not await store.r.exists("pal:u:{u}:t")
 
 
 async def test_a_replayed_key_stores_no_text_twice_and_delete_takes_the_texts(store: UserStore) -> None:
-    batch = [Comparison("p", LONG, "no"), Comparison("p", "yes", LONG)]
+    batch = [Comparison(PROMPT, LONG, "no"), Comparison(PROMPT, "yes", LONG)]
     await store.append_comparisons("r", batch, idempotency_key="k1")
     before = await _texts(store, "r")
     assert (await store.append_comparisons("r", batch, idempotency_key="k1")).replayed
-    assert await _texts(store, "r") == before == {"p": 2, LONG: 2, "no": 1, "yes": 1}
+    assert await _texts(store, "r") == before == {PROMPT: 2, LONG: 2}
 
     deleted = await store.delete_user("r")
     assert deleted is not None and deleted.trash is not None
@@ -78,7 +79,7 @@ async def test_a_replayed_key_stores_no_text_twice_and_delete_takes_the_texts(st
 
 async def test_retention_expires_the_texts_with_the_comparisons(store: UserStore) -> None:
     store.retention_s = 100
-    await store.append_comparisons("ttl", [Comparison("p", "a", "b")])
+    await store.append_comparisons("ttl", [Comparison(PROMPT, "a", "b")])
     ttl = await store.r.pttl("pal:u:{ttl}:t")
     assert 0 < ttl <= 100_000 and abs(ttl - await store.r.pttl("pal:u:{ttl}:c")) < 1000
 
@@ -88,6 +89,7 @@ async def test_odd_texts_round_trip(store: UserStore) -> None:
         Comparison("", "\ud800 lone surrogate", "é ü 😀"),
         Comparison("1:2:3", "=12:", "[\"json\"]"),
         Comparison("z" * 300, "12z" + "\ud800" * 100, "9" * 250),  # deflated, with a lone surrogate and digits
+        Comparison("x" * 31, "y" * 32, "\ud800" * 10 + "é"),  # inline and not, at the boundary; 31 bytes inline
     ]
     await store.append_comparisons("odd", odd)
     assert (await store.read_comparisons("odd"))[0] == odd
@@ -97,7 +99,7 @@ async def test_a_user_stored_in_the_previous_layout_reads_adapts_and_is_rewritte
     """Written exactly as the store did before texts were stored once (JSON in the list, seq, gen, bytes, a fit of
     that generation): the fit stays current, an adapt refits from old and new comparisons and rewrites the old
     entries to digests (same byte count), and DELETE takes everything."""
-    old = [Comparison(f"Which pet, case {i}?", "A calm old cat.", "A loud parrot.") for i in range(5)]
+    old = [Comparison(f"Which pet, case {i}?", "A calm old cat who sleeps all day.", LONG) for i in range(5)]
     values = [c.to_json() for c in old]
     gen = uuid.uuid4().hex
     async with running_app(settings, scorer_b) as c:
@@ -121,8 +123,7 @@ async def test_a_user_stored_in_the_previous_layout_reads_adapts_and_is_rewritte
         stored, seq = await store.read_comparisons("prev")
         assert stored == [*old, Comparison(**new)] and seq == 6
         assert int(await store.r.get("pal:u:{prev}:bytes")) == sum(len(x.to_json()) for x in stored)
-        texts = await _texts(store, "prev")
-        assert texts["A calm old cat."] == 5 and texts["A loud parrot."] == 5 and len(texts) == 5 + 2 + 3
+        assert await _texts(store, "prev") == {"A calm old cat who sleeps all day.": 5, LONG: 5}  # prompts inline
 
         assert (await c.delete("/users/prev")).status_code == 200
         assert [k async for k in store.r.scan_iter(match="pal:u:{prev}:*")] == []
