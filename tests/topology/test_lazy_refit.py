@@ -136,3 +136,42 @@ async def test_the_background_walk_is_done_once_by_the_replicas_between_them(
             version = scorer_a.meta.version
             assert all(r.hget(f"pal:u:{{{u}}}:w", version) is not None for u in users)
             assert r.hgetall(f"pal:{{sweep}}:{version}") == {b"all": b"done"}
+
+
+async def test_a_walk_left_by_a_dead_replica_is_waited_for_then_taken_over_where_it_stopped(
+    tmp_path: Path, random_bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica walked one page of users and holds the shard's lease: this one waits (fits nobody), and once
+    that lease is gone (its holder died) goes on from the saved cursor, not from the start."""
+    users = [f"left-{i}" for i in range(250)]
+    with RedisServer(tmp_path / "redis") as server:
+        await _store_old_users(server.url, users)
+        r = server.client()
+        version = scorer_a.meta.version
+        cursor, keys = r.scan(0, match="pal:u:{*}:c", count=100)  # the page the dead replica walked
+        assert cursor != 0 and keys
+        walked = {k.decode().split("{")[1].split("}")[0] for k in keys}
+        r.hset(f"pal:{{sweep}}:{version}", "all", cursor)
+        r.set(f"pal:{{sweep}}:{version}:lease:all", "dead-replica", ex=120)
+        fits = _count_fits(monkeypatch)
+        settings = cpu_settings(random_bundle_a, redis_url=server.url, retry_after_s=1)
+        async with running_app(settings, scorer_a, wait_ready=False) as c:
+            state = lambda: c.app.state.engine.migration if c.app.state.engine else {}  # noqa: E731
+            for _ in range(600):
+                if str(state().get("state", "")).startswith("waiting for another replica"):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError(state())
+            assert fits == [] and (await c.get("/health")).status_code == 200  # serving, walking nothing
+            r.delete(f"pal:{{sweep}}:{version}:lease:all")  # the holder died: its lease expired
+            for _ in range(1200):
+                if c.app.state.engine.startup.done.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError(state())
+            assert state()["refitted"] == len(users) - len(walked) == len(fits)
+            assert all(r.hget(f"pal:u:{{{u}}}:w", version) is None for u in walked)  # not walked twice
+            assert all(r.hget(f"pal:u:{{{u}}}:w", version) is not None for u in set(users) - walked)
+            assert r.hgetall(f"pal:{{sweep}}:{version}") == {b"all": b"done"}
