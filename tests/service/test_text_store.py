@@ -127,3 +127,18 @@ async def test_a_user_stored_in_the_previous_layout_reads_adapts_and_is_rewritte
 
         assert (await c.delete("/users/prev")).status_code == 200
         assert [k async for k in store.r.scan_iter(match="pal:u:{prev}:*")] == []
+
+
+async def test_the_size_bench_measures_a_user_smaller_where_texts_repeat_or_deflate(store: UserStore) -> None:
+    """bench/bench_state_size.py on this Redis, one user per workload: MEMORY USAGE of a user after vs before."""
+    import sys
+
+    from training.data.paths import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench import bench_state_size
+
+    rows = {name: (before, after) for name, before, _, after, _, _ in await bench_state_size.measure(store.r, 1, 3)}
+    assert rows["long-shared"][1] < 0.5 * rows["long-shared"][0]
+    assert rows["long-unique"][1] < 0.8 * rows["long-unique"][0]
+    assert rows["short"][1] < 1.05 * rows["short"][0]
