@@ -151,8 +151,10 @@ class Users:
             fit = await self.store.get_fit(self.version, user)
             n, seq, gen = await self.store.counts(user)
             if n and stale(fit, seq, gen):
-                # Comparisons this version's fit has not seen (a new deploy, or a rollback): refit now.
-                fit = await self._refit_or_wait(user)
+                # Comparisons this version's fit has not seen (a new deploy, or a rollback): refit now. The caller
+                # waits for an answer: past PAL_REFIT_ON_READ_WAIT_S of another replica's lease (it may have died),
+                # fit here too (the store keeps the newer fit).
+                fit = await self._refit_or_wait(user, patience_s=self.settings.refit_on_read_wait_s)
         except RedisError as e:
             self._on_error("get_user", e)
             raise StoreUnavailable(str(e)) from e
@@ -256,13 +258,17 @@ class Users:
             log.exception("refit on read of %r failed", user)
         return None
 
-    async def _refit_or_wait(self, user: str) -> StoredFit | None:
+    async def _refit_or_wait(self, user: str, patience_s: float | None = None) -> StoredFit | None:
         """Refit the user if stale, under the shared lease; while another replica holds it, wait for its fit (or
-        for the lease to expire, if that replica died, and take it)."""
+        for the lease to expire, if that replica died, and take it), or at most `patience_s`, then refit anyway."""
+        give_up = None if patience_s is None else time.monotonic() + patience_s
         while True:
             status, fit = await self.refit_if_stale(user)
             if status != LEASED:
                 return fit
+            if give_up is not None and time.monotonic() >= give_up:
+                _, seq, gen = await self.store.counts(user)
+                return await self.refit(user, min_seq=seq, gen=gen)
             await asyncio.sleep(_LEASE_POLL_S)
 
     async def refit_if_stale(self, user: str) -> tuple[str, StoredFit | None]:

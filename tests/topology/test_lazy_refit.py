@@ -175,3 +175,20 @@ async def test_a_walk_left_by_a_dead_replica_is_waited_for_then_taken_over_where
             assert all(r.hget(f"pal:u:{{{u}}}:w", version) is None for u in walked)  # not walked twice
             assert all(r.hget(f"pal:u:{{{u}}}:w", version) is not None for u in set(users) - walked)
             assert r.hgetall(f"pal:{{sweep}}:{version}") == {b"all": b"done"}
+
+
+async def test_get_user_does_not_hang_on_a_dead_replicas_refit_lease(
+    tmp_path: Path, random_bundle_a: Path, scorer_a
+) -> None:
+    """GET /users/{id} answers after PAL_REFIT_ON_READ_WAIT_S of another replica's lease, fitting the user itself,
+    instead of waiting for the lease to expire (120 s)."""
+    with RedisServer(tmp_path / "redis") as server:
+        await _store_old_users(server.url, ["stuck"])
+        server.client().set("pal:u:{stuck}:refit", "dead-replica", ex=120)
+        settings = cpu_settings(
+            random_bundle_a, redis_url=server.url, migrate_in_background=False, refit_on_read_wait_s=0.5
+        )
+        async with running_app(settings, scorer_a) as c:
+            view = (await c.get("/users/stuck")).json()
+            assert view["model_version"] == scorer_a.meta.version and view["n_fitted"] == len(CMPS)
+            assert server.client().get("pal:u:{stuck}:refit") == b"dead-replica"  # answered within the lease
