@@ -228,14 +228,15 @@ def run_soak(
     if redis_url is not None:
         import redis
 
-        from service.store import Comparison
+        from service.store import parse_comparisons
 
         r = redis.Redis.from_url(redis_url)
         missing = duplicated = unacked = total = 0
         for i in range(N_ADAPT_USERS):
             user = f"soak-u{i}"
-            raw = r.lrange(f"{redis_prefix}:u:{{{user}}}:c", 0, -1)
-            stored = Counter(Comparison.from_json(x).prompt for x in raw)
+            key = f"{redis_prefix}:u:{{{user}}}"
+            raw, texts = r.lrange(f"{key}:c", 0, -1), r.hgetall(f"{key}:t")
+            stored = Counter(x.prompt for x in parse_comparisons(raw, texts))
             want = Counter(acked.get(user, []))
             total += sum(stored.values())
             missing += sum((want - stored).values())

@@ -149,8 +149,21 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         description="per user, the weights of this many most recent model versions are kept (the running one "
-        "always; 2 covers a rolling update); older ones are deleted once a new version's refit is done. Rolling back "
-        "to a deleted one seeds and refits its users again",
+        "always; 2 covers a rolling update); older ones are deleted once a new version's background walk of the users "
+        "is done (at start without it). Rolling back to a deleted one seeds and refits its users again",
+    )
+    migrate_in_background: bool = Field(
+        default=True,
+        description="on a new model version, the replicas walk all users once between them (a SCAN cursor and a "
+        "lease per shard in Redis) and refit those it has not fitted, ahead of their first read; off, a user is "
+        "refitted only when first read. Neither holds back readiness",
+    )
+    refit_on_read_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="a /score (or other read) of a user whose comparisons this model version has not fitted yet "
+        "waits up to this long for their refit; past it the item is scored with their checkpoint weights or the prior "
+        "(personalized: false) while the refit finishes in the background",
     )
     multi_replica: bool = Field(
         default=False,

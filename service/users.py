@@ -4,6 +4,11 @@ A refit reads the user's comparisons with their append counter and generation in
 this process has not cached (through the same batcher as scoring, in chunks so one big adapt cannot hog the
 queue), fits the K logits with models.head.fit_user (the code `pal eval` measures) on a worker thread, and
 writes the fit with a script that refuses it if a newer fit is stored or the user was deleted meanwhile.
+
+A user whose comparisons the served model version has not fitted (a new deploy, or a rollback) is refitted on
+their first read, /score included: no replica has to walk all users before serving them right. Such refits (and
+the background walk's, service/startup.py) take a per-user lease in Redis, so replicas reading the same user at
+once fit them once; the others wait for the stored fit.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -35,6 +41,11 @@ log = logging.getLogger(__name__)
 
 _N_USER_LOCKS = 64  # striped per-user locks: bounded memory, and refits of one user never run twice at once
 _ENCODE_CHUNK = 256  # items per batcher call when encoding comparisons, so one big adapt cannot hog the queue
+
+REFIT_LEASE_S = 120  # a replica's hold on refitting one user for a new model version; expires if it dies
+_LEASE_POLL_S = 0.1  # how often a replica waiting for another one's refit looks for the stored fit
+# What refit_if_stale did: nothing to do, refitted (or found deleted meanwhile), or left to another replica's lease.
+FRESH, REFITTED, LEASED = "fresh", "refitted", "leased"
 
 # One encoded comparison: chosen latent, rejected latent, the prompt's prototype points (PAL-B; None for PAL-A).
 _FeatureRow = tuple[np.ndarray, np.ndarray, np.ndarray | None]
@@ -73,13 +84,18 @@ class Users:
         # Users whose comparisons were stored while the encoder queue was full: refitted in the background.
         self._pending: set[str] = set()
         self._pending_task: asyncio.Task | None = None
+        self._token = uuid.uuid4().hex  # this process's refit leases
+        # Refits on read in flight, by user: concurrent reads of one user in this process share one.
+        self._reading: dict[str, asyncio.Task[StoredFit | None]] = {}
+        weights.refit_missing = self.refit_missing
 
     @property
     def features(self) -> LRUCache[_FeatureRow]:
         return self._features
 
     async def close(self) -> None:
-        await cancel(self._pending_task)
+        for task in [self._pending_task, *self._reading.values()]:
+            await cancel(task)
 
     async def adapt(self, user: str, comparisons: list[Comparison], idempotency_key: str | None = None) -> Adapted:
         """Store the comparisons, refit from all the user's stored comparisons, write and return the fit.
@@ -132,8 +148,10 @@ class Users:
             fit = await self.store.get_fit(self.version, user)
             n, seq, gen = await self.store.counts(user)
             if n and stale(fit, seq, gen):
-                # Comparisons this version's fit has not seen (a new deploy, or a rollback): refit now.
-                fit = await self.refit(user, min_seq=seq, gen=gen)
+                # Comparisons this version's fit has not seen (a new deploy, or a rollback): refit now. The caller
+                # waits for an answer: past PAL_REFIT_ON_READ_WAIT_S of another replica's lease (it may have died),
+                # fit here too (the store keeps the newer fit).
+                fit = await self._refit_or_wait(user, patience_s=self.settings.refit_on_read_wait_s)
         except RedisError as e:
             self._on_error("get_user", e)
             raise StoreUnavailable(str(e)) from e
@@ -203,6 +221,66 @@ class Users:
                 await asyncio.sleep(self.settings.retry_after_s)
             except Exception:
                 log.exception("background refit of %r failed", user)
+
+    async def refit_missing(self, users: list[str]) -> dict[str, np.ndarray]:
+        """Weights of users read (e.g. scored) whose comparisons this model version has not fitted: refitted now,
+        waiting up to PAL_REFIT_ON_READ_WAIT_S; the ones not done by then are left out (the caller scores them with
+        what it has) and finish in the background."""
+        tasks = {u: self._refit_on_read(u) for u in users}
+        if self.settings.refit_on_read_wait_s > 0:
+            await asyncio.wait(tasks.values(), timeout=self.settings.refit_on_read_wait_s)
+        return {
+            u: fit.array
+            for u, t in tasks.items()
+            if t.done() and not t.cancelled() and (fit := t.result()) is not None
+        }
+
+    def _refit_on_read(self, user: str) -> asyncio.Task[StoredFit | None]:
+        task = self._reading.get(user)
+        if task is None:
+            task = asyncio.create_task(self._refit_quietly(user), name="pal-refit-on-read")
+            self._reading[user] = task
+            task.add_done_callback(lambda _: self._reading.pop(user, None))
+        return task
+
+    async def _refit_quietly(self, user: str) -> StoredFit | None:
+        """A refit on read: its failure leaves the read to score without it, and is not the reader's error."""
+        try:
+            return await self._refit_or_wait(user)
+        except QueueFull:
+            self._refit_later(user)
+        except RedisError as e:
+            self._on_error("refit_on_read", e)
+        except Exception:
+            log.exception("refit on read of %r failed", user)
+        return None
+
+    async def _refit_or_wait(self, user: str, patience_s: float | None = None) -> StoredFit | None:
+        """Refit the user if stale, under the shared lease; while another replica holds it, wait for its fit (or
+        for the lease to expire, if that replica died, and take it), or at most `patience_s`, then refit anyway."""
+        give_up = None if patience_s is None else time.monotonic() + patience_s
+        while True:
+            status, fit = await self.refit_if_stale(user)
+            if status != LEASED:
+                return fit
+            if give_up is not None and time.monotonic() >= give_up:
+                _, seq, gen = await self.store.counts(user)
+                return await self.refit(user, min_seq=seq, gen=gen)
+            await asyncio.sleep(_LEASE_POLL_S)
+
+    async def refit_if_stale(self, user: str) -> tuple[str, StoredFit | None]:
+        """Refit the user unless this version's fit covers all their comparisons, holding their refit lease: LEASED
+        (and no fit) if another replica holds it, so replicas reading or walking the same users fit each once."""
+        fit = await self.store.get_fit(self.version, user)
+        n, seq, gen = await self.store.counts(user)
+        if not n or not stale(fit, seq, gen):
+            return FRESH, fit
+        if not await self.store.claim_refit(user, self._token, REFIT_LEASE_S):
+            return LEASED, None
+        try:
+            return REFITTED, await self.refit(user, min_seq=seq, gen=gen)
+        finally:
+            await self.store.release_refit(user, self._token)
 
     async def refit(self, user: str, min_seq: int, gen: str) -> StoredFit | None:
         """Fit from all stored comparisons unless a fit covering append `min_seq` of generation `gen` is stored.

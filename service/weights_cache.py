@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -47,6 +47,9 @@ class UserWeights:
         self._valid_after = float("inf")
         self._listener: asyncio.Task | None = None
         self._retry_at = 0.0
+        # Set by Users: refits users read whose comparisons this version has not fitted (returns the weights of
+        # those done in time).
+        self.refit_missing: Callable[[list[str]], Awaitable[dict[str, np.ndarray]]] | None = None
 
     @property
     def hits(self) -> int:
@@ -68,19 +71,22 @@ class UserWeights:
         return self._heard, time.monotonic()
 
     async def get(self, users: list[str]) -> dict[str, np.ndarray]:
-        """Users' fitted weights for this model version; on a Redis failure, the ones cached in memory."""
+        """Users' fitted weights for this model version; on a Redis failure, the ones cached in memory. A user with
+        comparisons but no fit of this version from them (a new deploy) is refitted first (see refit_missing)."""
         if not users:
             return {}
         if time.monotonic() < self._retry_at:
             return self._cached(users)
         mark = self.mark()
         try:
-            fits = await self.store.get_fits(self.version, users)
+            fits, unfitted = await self.store.get_fits_checked(self.version, users)
         except RedisError as e:
             self._on_error("get_fits", e)
             self._retry_at = time.monotonic() + self.settings.retry_after_s
             return self._cached(users)
         out = {u: f.array for u, f in fits.items()}
+        if unfitted and self.refit_missing is not None:
+            out.update(await self.refit_missing(unfitted))  # else their checkpoint weights, or the prior
         for u in users:
             if u in out:
                 self.remember(u, out[u], mark)

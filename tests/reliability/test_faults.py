@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.store import Comparison, StoredFit
+from service.store import Comparison, StoredFit, parse_comparisons
 from tests.reliability.procs import RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.timeout(300)
@@ -94,8 +94,8 @@ class Load:
 
 
 def _stored(r, user: str) -> tuple[list[Comparison], int]:
-    raw = r.lrange(ckey(user, "c"), 0, -1)
-    return [Comparison.from_json(x) for x in raw], int(r.get(ckey(user, "seq")) or 0)
+    raw, texts = r.lrange(ckey(user, "c"), 0, -1), r.hgetall(ckey(user, "t"))
+    return parse_comparisons(raw, texts), int(r.get(ckey(user, "seq")) or 0)
 
 
 def test_redis_killed_and_frozen_under_load_then_recovers_without_losing_acked_comparisons(

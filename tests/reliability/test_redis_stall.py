@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import Comparison
+from service.store import parse_comparisons
 from tests.reliability.conftest import live_settings
 from tests.reliability.procs import RedisServer
 from tests.support import running_app
@@ -53,7 +53,8 @@ async def test_a_stalled_redis_never_duplicates_an_adapt(bundle: Path, scorer, t
                 retried = await c.post("/users/dup/adapt", json=keyed, headers=key)
                 answers.append(retried.status_code)
             assert retried.status_code == 200, answers
-            stored = [Comparison.from_json(x).prompt for x in rs.client().lrange("pal:u:{dup}:c", 0, -1)]
+            raw, texts = rs.client().lrange("pal:u:{dup}:c", 0, -1), rs.client().hgetall("pal:u:{dup}:t")
+            stored = [x.prompt for x in parse_comparisons(raw, texts)]
             assert stored.count("keyed") == 1, (answers, stored)  # exactly once: acknowledged, stored once
             assert stored.count("once") == 1 if r.status_code == 200 else stored.count("once") <= 1, stored
             assert int(rs.client().get("pal:u:{dup}:seq")) == len(stored)

@@ -157,10 +157,16 @@ async def test_429_means_nothing_stored_and_a_stored_adapt_is_202_then_refitted(
 async def test_deleting_a_very_large_user_is_o1_in_redis_and_drops_every_cached_encoding(
     bundle, scorer, tmp_path
 ) -> None:
-    """A user holding ~40 MB (1000 comparisons of 2 x 20 000 characters) is deleted by a rename: the answer is 200
-    with every key gone, Redis frees the data in its background thread (UNLINK), and this process still forgets
-    the encodings it cached from comparisons at the far end of the list."""
+    """A user holding ~30 MB (1000 comparisons of 2 x 20 000 random characters, which deflate only to ~3/4) is
+    deleted by a rename: the answer is 200 with every key gone, Redis frees the data in its background thread
+    (UNLINK), and this process still forgets the encodings it cached from comparisons at the far end of the list."""
+    import base64
+    import os
+
     from service.store import Comparison
+
+    def noise() -> str:  # texts that neither repeat nor deflate much
+        return base64.b64encode(os.urandom(15000)).decode()
 
     settings = _settings(bundle, tmp_path, max_bytes_per_user=64 * 2**20, max_comparisons_per_user=5000)
     async with running_app(settings, scorer) as c:
@@ -168,12 +174,13 @@ async def test_deleting_a_very_large_user_is_o1_in_redis_and_drops_every_cached_
         for start in range(0, 1000, 100):
             await store.append_comparisons(
                 "huge",
-                [Comparison(f"p{i}", f"{i} " + "y" * 20000, f"{i} " + "n" * 20000) for i in range(start, start + 100)],
+                [Comparison(f"p{i}", noise(), noise()) for i in range(start, start + 100)],
             )
         tail = [Comparison(f"tail {i}", f"good tail {i}", f"bad tail {i}") for i in range(2)]
         await store.append_comparisons("huge", tail)
         await engine.users.features_for(tail)  # what a refit caches from them
-        assert await store.r.memory_usage("pal:u:{huge}:c") > 40 * 10**6
+        held = [await store.r.memory_usage(f"pal:u:{{huge}}:{kind}", samples=0) for kind in ("c", "t")]
+        assert sum(held) > 25 * 10**6  # the texts (stored once each, deflated) and the list referring to them
         freed_before = (await store.r.info("all"))["lazyfreed_objects"]
 
         r = await c.delete("/users/huge")
@@ -206,9 +213,9 @@ async def test_a_users_stored_bytes_are_capped_and_bound_every_refit(bundle, sco
             resp = await c.post("/users/big/adapt", json={"comparisons": [_big_cmp(f"r{r}-{j}") for j in range(4)]})
             assert resp.status_code == 200, resp.text
         stored, seq = await store.read_comparisons("big")
-        raw = await store.r.lrange("pal:u:{big}:c", 0, -1)
-        assert seq == 20 and 0 < len(stored) < 20 and sum(len(x) for x in raw) <= cap
-        assert int(await store.r.get("pal:u:{big}:bytes")) == sum(len(x) for x in raw)
+        sizes = [len(x.to_json()) for x in stored]  # what the cap counts: each comparison's JSON
+        assert seq == 20 and 0 < len(stored) < 20 and sum(sizes) <= cap
+        assert int(await store.r.get("pal:u:{big}:bytes")) == sum(sizes)
         assert [x.prompt for x in stored] == [f"q r{r}-{j}" for r in range(5) for j in range(4)][-len(stored) :]
         assert resp.json()["n_fitted"] == resp.json()["n_comparisons"] == len(stored)
 
@@ -291,8 +298,8 @@ async def test_state_written_before_generations_and_sizes_keeps_working(bundle, 
         assert state["weights"] == [0.2, 0.3, 0.5] and state["n_fitted"] == 3  # still current: not refitted
         r = await c.post("/users/legacy/adapt", json={"comparisons": [_cmp("new")]})
         assert r.status_code == 200 and r.json()["n_fitted"] == 4, r.text
-        raw = await store.r.lrange("pal:u:{legacy}:c", 0, -1)
-        assert int(await store.r.get("pal:u:{legacy}:bytes")) == sum(len(x) for x in raw)
+        stored, _ = await store.read_comparisons("legacy")
+        assert int(await store.r.get("pal:u:{legacy}:bytes")) == sum(len(x.to_json()) for x in stored)
         fit = StoredFit.from_json(await store.r.hget("pal:u:{legacy}:w", engine.version))
         assert fit.gen == "" and fit.seq == 4  # the pre-existing comparisons keep the legacy generation
         assert (await c.delete("/users/legacy")).status_code == 200

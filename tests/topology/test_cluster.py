@@ -77,6 +77,9 @@ async def test_service_on_a_cluster_seeds_scores_adapts_deletes_and_migrates(
     async with running_app(_settings(bundle_b, url, redis_prefix="t1"), scorer_a) as c:
         engine = c.app.state.engine
         assert engine.migration["refitted"] == len(adapted) - 1
+        # Walked as one shard per primary (named by its first slot), each with its cursor done.
+        cursors = await c.app.state.store.sweep_cursors(engine.version)
+        assert cursors == {"0": "done", "5461": "done", "10923": "done"}, cursors
         assert (await c.get(f"/users/{adapted[1]}")).status_code == 404
         assert (await c.get(f"/users/{seen[0]}")).status_code == 404  # the tombstone holds across versions
         view = (await c.get(f"/users/{adapted[5]}")).json()

@@ -10,7 +10,6 @@ pod would be) and becomes the new master's replica.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import redis
 
+from service.store import parse_comparisons
 from tests.support import cpu_settings, running_app
 from tests.topology.servers import SentinelSetup, wait_for
 
@@ -98,8 +98,9 @@ async def test_master_kill_under_load(
         assert any(t > failed_over_at for t in ok_times), "no adapt succeeded after the failover"
         outage = max(b - a for a, b in zip(ok_times, ok_times[1:], strict=False))  # longest time without a success
         acked = {p for _, p, ok in log if ok}
-        r = redis.Redis(host="127.0.0.1", port=topo.master(), decode_responses=True)
-        rows = [json.loads(x)[0] for w in range(WORKERS) for x in r.lrange(f"pal:u:{{sentinel-{w}}}:c", 0, -1)]
+        r = redis.Redis(host="127.0.0.1", port=topo.master())
+        keys = [(f"pal:u:{{sentinel-{w}}}:c", f"pal:u:{{sentinel-{w}}}:t") for w in range(WORKERS)]
+        rows = [x.prompt for c, t in keys for x in parse_comparisons(r.lrange(c, 0, -1), r.hgetall(t))]
         stored = set(rows)
         print(
             f"\n[sentinel min_replicas={min_replicas} replicas={replicas}] requests={len(log)} errors={len(errors)} "
