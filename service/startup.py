@@ -16,6 +16,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -29,15 +30,15 @@ _SWEEP_LEASE_S = 120  # a replica's hold on walking one shard; renewed every pag
 _SWEEP_PAGE = 100  # SCAN COUNT: users refitted between two cursor saves (what a replica that dies leaves to redo)
 
 
+@dataclass(eq=False)
 class Startup:
-    def __init__(
-        self, store: UserStore, users: Users, settings: Settings, on_error: Callable[[str, Exception], None]
-    ) -> None:
-        self.store = store
-        self.users = users
-        self.settings = settings
-        self._on_error = on_error
-        self.version = users.version
+    store: UserStore
+    users: Users
+    settings: Settings
+    on_error: Callable[[str, Exception], None]  # (what failed, why): the engine's Redis-error accounting
+
+    def __post_init__(self) -> None:
+        self.version = self.users.version
         self.state: dict[str, int | str] = {"state": "pending", "seeded": 0, "refitted": 0, "swept": 0}
         self.seeded = asyncio.Event()
         self.done = asyncio.Event()
@@ -68,7 +69,7 @@ class Startup:
                 log.info("user state ready for %s: %s", self.version, self.state)
                 return
             except RedisError as e:
-                self._on_error("migrate", e)
+                self.on_error("migrate", e)
                 self.state["state"] = f"waiting for redis: {e}"
                 await asyncio.sleep(retry_s)
             except Exception as e:  # a refit that fails (e.g. queue full) must not stop the service; retry later

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,24 +56,18 @@ def comparison_key(c: Comparison) -> str:
     return hashlib.blake2b(c.to_json().encode(), digest_size=16).hexdigest()
 
 
+@dataclass(eq=False)
 class Users:
-    def __init__(
-        self,
-        scorer: Scorer,
-        store: UserStore,
-        batcher: Batcher,
-        weights: UserWeights,
-        settings: Settings,
-        metrics: Metrics | None,
-        on_error: Callable[[str, Exception], None],
-    ) -> None:
-        self.scorer = scorer
-        self.store = store
-        self.batcher = batcher
-        self.weights = weights
-        self.settings = settings
-        self.metrics = metrics
-        self._on_error = on_error
+    scorer: Scorer
+    store: UserStore
+    batcher: Batcher
+    weights: UserWeights
+    settings: Settings
+    metrics: Metrics | None
+    on_error: Callable[[str, Exception], None]  # (what failed, why): the engine's Redis-error accounting
+
+    def __post_init__(self) -> None:
+        scorer, settings, weights = self.scorer, self.settings, self.weights
         self.version: str = scorer.meta.version
         self.prior = np.asarray(scorer.meta.prior_weights, dtype=np.float64)
         # A deployment can override the strength chosen on validation users at training time.
@@ -123,7 +118,7 @@ class Users:
             except (QueueFull, RedisError) as e:
                 # Stored: a 429 or 503 now would make a client store it again. Answer "stored, fit pending".
                 if isinstance(e, RedisError):
-                    self._on_error("refit", e)
+                    self.on_error("refit", e)
                 self._refit_later(user)
                 return Adapted(
                     await self._current_fit(user, appended.gen), appended.replayed, fitted=False,
@@ -131,7 +126,7 @@ class Users:
                 )
             return Adapted(fit, appended.replayed, n_comparisons=appended.stored)
         except RedisError as e:
-            self._on_error("adapt", e)
+            self.on_error("adapt", e)
             raise StoreUnavailable(str(e)) from e
 
     async def _current_fit(self, user: str, gen: str) -> StoredFit | None:
@@ -153,7 +148,7 @@ class Users:
                 # fit here too (the store keeps the newer fit).
                 fit = await self._refit_or_wait(user, patience_s=self.settings.refit_on_read_wait_s)
         except RedisError as e:
-            self._on_error("get_user", e)
+            self.on_error("get_user", e)
             raise StoreUnavailable(str(e)) from e
         if fit is None and n == 0:
             raise UnknownUser(user)
@@ -171,7 +166,7 @@ class Users:
         try:
             deleted = await self.store.delete_user(user, tombstone=user in self.seen)
         except RedisError as e:
-            self._on_error("delete_user", e)
+            self.on_error("delete_user", e)
             raise StoreUnavailable(str(e)) from e
         self.weights.drop(user)
         if deleted is None:
@@ -187,7 +182,7 @@ class Users:
                 texts = [c.chosen for c in chunk] + [c.rejected for c in chunk]
                 await asyncio.to_thread(self.scorer.forget, prompts + prompts, texts)  # hashing: off the event loop
         except RedisError as e:
-            self._on_error("delete_user", e)
+            self.on_error("delete_user", e)
             self._features.clear()
             self.scorer.clear_cache()
         return True
@@ -250,7 +245,7 @@ class Users:
         except QueueFull:
             self._refit_later(user)
         except RedisError as e:
-            self._on_error("refit_on_read", e)
+            self.on_error("refit_on_read", e)
         except Exception:
             log.exception("refit on read of %r failed", user)
         return None

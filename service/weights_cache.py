@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -28,14 +29,15 @@ log = logging.getLogger(__name__)
 ReadMark = tuple[int, float]  # (deletions heard when a read began, when it began)
 
 
+@dataclass(eq=False)
 class UserWeights:
-    def __init__(
-        self, store: UserStore, version: str, settings: Settings, on_error: Callable[[str, Exception], None]
-    ) -> None:
-        self.store = store
-        self.version = version
-        self.settings = settings
-        self._on_error = on_error
+    store: UserStore
+    version: str
+    settings: Settings
+    on_error: Callable[[str, Exception], None]  # (what failed, why): the engine's Redis-error accounting
+
+    def __post_init__(self) -> None:
+        settings = self.settings
         # Weights last read from or written to Redis: keeps users personalized while Redis is unreachable.
         self._cache: LRUCache[tuple[float, np.ndarray]] = LRUCache(settings.weights_cache_size)
         # Deletions heard on the store's channel (from any replica): a counter, and the count when each user's
@@ -81,7 +83,7 @@ class UserWeights:
         try:
             fits, unfitted = await self.store.get_fits_checked(self.version, users)
         except RedisError as e:
-            self._on_error("get_fits", e)
+            self.on_error("get_fits", e)
             self._retry_at = time.monotonic() + self.settings.retry_after_s
             return self._cached(users)
         out = {u: f.array for u, f in fits.items()}
@@ -136,7 +138,7 @@ class UserWeights:
             except (RedisError, OSError) as e:
                 # What was published before the connection broke was delivered before the break, so the cache
                 # keeps bridging this outage; deletions made meanwhile (a partition) are the documented limit.
-                self._on_error("subscribe", e)
+                self.on_error("subscribe", e)
                 await asyncio.sleep(min(1.0, self.settings.retry_after_s))
             finally:
                 with contextlib.suppress(Exception):

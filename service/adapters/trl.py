@@ -64,15 +64,12 @@ class _RewardBase:
         if on_error not in ("raise", "none"):
             raise ValueError("on_error must be 'raise' or 'none'")
         self.url = url
-        self.user_field = user_field
-        self.objective_field = objective_field
-        self.api_key = api_key
-        self.missing_user = missing_user
-        self.batch_size = batch_size
-        self.timeout_s = timeout_s
-        self.retry = retry
-        self.shaping = shaping
-        self.on_error = on_error
+        # What the HTTP client is made from, in each process that calls the function.
+        self.client_options: dict[str, Any] = {
+            "api_key": api_key, "timeout_s": timeout_s, "batch_size": batch_size, "retry": retry
+        }  # fmt: skip
+        self.user_field, self.objective_field, self.missing_user = user_field, objective_field, missing_user
+        self.shaping, self.on_error = shaping, on_error
         self.__name__ = name  # TRL logs each reward function under its __name__
         self.__qualname__ = name
         if client is not None:  # a caller's own client; not pickled, remade from `url` after
@@ -110,7 +107,8 @@ class _RewardBase:
             raise ValueError(f"{len(users)} values in '{self.user_field}' for {n} completions")
         rows = zip(prompts, completions, users, objectives, strict=True)
         return [
-            {"prompt": p, "response": c, "objective": dict(o)} if o is not None
+            {"prompt": p, "response": c, "objective": dict(o)}
+            if o is not None
             else {"prompt": p, "response": c, "user_id": _user(u)}
             for p, c, u, o in rows
         ]
@@ -143,9 +141,7 @@ class PalRewardFunc(_RewardBase):
     def _pal(self) -> PalClient:
         client = self.__dict__.get("_client")
         if client is None:
-            client = PalClient(
-                self.url, api_key=self.api_key, timeout_s=self.timeout_s, batch_size=self.batch_size, retry=self.retry
-            )
+            client = PalClient(self.url, **self.client_options)
             self.__dict__["_client"] = client
         return client
 
@@ -171,9 +167,7 @@ class AsyncPalRewardFunc(_RewardBase):
         clients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncPalClient]] = self.__dict__.setdefault("_client", {})
         entry = clients.get(id(loop))
         if entry is None or entry[0] is not loop:
-            client = AsyncPalClient(
-                self.url, api_key=self.api_key, timeout_s=self.timeout_s, batch_size=self.batch_size, retry=self.retry
-            )
+            client = AsyncPalClient(self.url, **self.client_options)
             entry = clients[id(loop)] = (loop, client)
         return entry[1]
 
