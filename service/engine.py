@@ -53,7 +53,7 @@ class RewardEngine:
             store, self.version, self.k, settings.population_ttl_s, settings.population_max_users
         )
         self.scoring = Scoring(scorer, self.batcher, self.weights, self.population, self.users.prior)
-        self.startup = Startup(store, self.users, settings, self._redis_error)
+        self.startup = Startup(self.users)
         self.ready = False
 
     # --- what the checkpoint says about users

@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from service.config import Settings
-from service.store import SWEPT, Shard, UserStore
+from service.store import SWEPT, Shard
 from service.users import LEASED, REFITTED, Users
 
 log = logging.getLogger(__name__)
@@ -32,12 +30,10 @@ _SWEEP_PAGE = 100  # SCAN COUNT: users refitted between two cursor saves (what a
 
 @dataclass(eq=False)
 class Startup:
-    store: UserStore
-    users: Users
-    settings: Settings
-    on_error: Callable[[str, Exception], None]  # (what failed, why): the engine's Redis-error accounting
+    users: Users  # start-up seeds and migrates users through their store, settings and error accounting
 
     def __post_init__(self) -> None:
+        self.store, self.settings, self.on_error = self.users.store, self.users.settings, self.users.on_error
         self.version = self.users.version
         self.state: dict[str, int | str] = {"state": "pending", "seeded": 0, "refitted": 0, "swept": 0}
         self.seeded = asyncio.Event()
