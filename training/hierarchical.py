@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import read_checkpoint
 from models.deviation import empirical_bayes_precision, fit_deviation
 from models.head import HeadParams, margins
 from training.encoded import EncodedComparisons
@@ -159,8 +158,9 @@ def evaluate_deviation(
             ]
             full = sum(len(pool_rows[u]) >= n for u in users)
             curve[str(n)] = {"accuracy": float(np.mean(accs)), "n_users": len(users), "n_users_with_full_shots": full}
+        # over every unseen user with test pairs, as training.fewshot.zero_shot_accuracy counts them
         zero = float(
-            np.mean([accuracy_of_margins(model.user_margins(test, test_rows[u], model.prior_mean)) for u in users])
+            np.mean([accuracy_of_margins(model.user_margins(test, r, model.prior_mean)) for r in test_rows.values()])
         )
     return {
         "k": cfg.rank,
@@ -176,7 +176,7 @@ def evaluate_deviation(
 
 def add_to_run(run_dir: Path, preset: str, shots: Sequence[int] | None = None) -> dict[str, Any]:
     """Add `hier` and `lore` to every seed of a `pal eval --seeds` run and rewrite its aggregate report."""
-    from training.evaluate import encode_splits
+    from training.evaluate import deviation_models, encode_splits, summarize
     from training.presets import experiments
     from training.seeds import write_report
 
@@ -190,20 +190,9 @@ def add_to_run(run_dir: Path, preset: str, shots: Sequence[int] | None = None) -
         for rep in run["experiments"]:
             exp = exps[rep["experiment"]]
             encs = encode_splits(exp)
-            head = read_checkpoint(rep["models"]["1"]["checkpoint"]).head_params
-            for use_global in (True, False):
-                m = evaluate_deviation(head, encs, use_global, shots or run["shots"], DeviationConfig(seed=s))
-                rep["models"][m["form"]] = m
-                print(s, rep["experiment"], m["form"], round(m["seen_test_accuracy"], 3), file=sys.stderr, flush=True)
-        for form in ("hier", "lore"):  # the per-seed mean over data sets, as evaluate.summarize writes it
-            ms = [rep["models"][form] for rep in run["experiments"]]
-            run["summary"][form] = {
-                "seen_test_accuracy": float(np.mean([m["seen_test_accuracy"] for m in ms])),
-                "unseen_zero_shot_accuracy": float(np.mean([m["unseen_zero_shot_accuracy"] for m in ms])),
-                "unseen_fewshot_accuracy": {
-                    n: float(np.mean([m["unseen_fewshot"][n]["accuracy"] for m in ms])) for n in ms[0]["unseen_fewshot"]
-                },
-            }
+            rep["models"].update(deviation_models(rep["models"]["1"]["checkpoint"], encs, shots or run["shots"], s))
+            print(s, rep["experiment"], file=sys.stderr, flush=True)
+        run["summary"] = summarize(run["experiments"], run["ks"], run["shots"])
         path.write_text(json.dumps(run, indent=2))
         runs.append(run)
     return write_report(runs, seeds, run_dir, top["title"])
