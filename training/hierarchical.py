@@ -45,6 +45,10 @@ class DeviationConfig:
     eval_every: int = 5
     patience: int = 60
     seed: int = 0
+    # hier only: keep the deviation only if it helps seen users held out of its training (user-level
+    # cross-validation, `cv_gain`) by more than this; else the model is the global one. None: no such check.
+    cv_folds: int | None = None
+    cv_shots: tuple[int, ...] = (5, 20)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Pairs:
         if use_global and len(enc):
             gm = margins(head, FeatureTable.build(head, enc).features(np.arange(len(enc))), np.ones(1))
         return cls(gm, e[enc.chosen_idx] - e[enc.rejected_idx], list(enc.users))
+
+    def subset(self, rows: np.ndarray) -> Pairs:
+        return Pairs(self.global_margin[rows], self.diff[rows], [self.users[i] for i in rows])
 
     def user_rows(self) -> dict[str, np.ndarray]:
         out: dict[str, list[int]] = {}
@@ -131,6 +138,36 @@ def train_deviation(
     )
 
 
+def cv_gain(train: Pairs, val: Pairs, cfg: DeviationConfig) -> float:
+    """Mean few-shot gain over the global model for seen users held out of the deviation's training: users are
+    split into cfg.cv_folds folds; for each, the basis is trained on the other folds' users, and each held-out user
+    is fitted on n of its training pairs and scored on its validation pairs (new statements in `polis`), against
+    the global model on the same pairs. Uses every seen user, not one small validation pool."""
+    folds = cfg.cv_folds or 3
+    users = sorted(set(train.users))
+    users = [users[i] for i in np.random.default_rng(cfg.seed).permutation(len(users))]
+    t_rows, v_rows = train.user_rows(), val.user_rows()
+    gains = []
+    for f in range(folds):
+        held = set(users[f::folds])
+        keep_t = np.asarray([u not in held for u in train.users])
+        keep_v = np.asarray([u not in held for u in val.users])
+        model = train_deviation(train.subset(np.flatnonzero(keep_t)), val.subset(np.flatnonzero(keep_v)), True, cfg)
+        for u in sorted(held & set(v_rows)):
+            rows = np.random.default_rng(len(gains)).permutation(t_rows[u])
+            base = accuracy_of_margins(val.global_margin[v_rows[u]])
+            for n in cfg.cv_shots:
+                w = model.fit(train, rows[:n])
+                gains.append(accuracy_of_margins(model.user_margins(val, v_rows[u], w)) - base)
+    return float(np.mean(gains)) if gains else 0.0
+
+
+def global_only(rank: int, dim: int, users: list[str], val_accuracy: float) -> DeviationModel:
+    """The hierarchical model with no deviation: every user, seen or new, gets the global reward."""
+    zero = np.zeros(rank)
+    return DeviationModel(np.zeros((rank, dim)), dict.fromkeys(users, zero), zero, np.full(rank, 1e6), 0, val_accuracy)
+
+
 def evaluate_deviation(
     head: HeadParams,
     encs: dict[str, EncodedComparisons],
@@ -142,6 +179,12 @@ def evaluate_deviation(
     with limit_threads(1):
         p = {s: Pairs.build(head, e, use_global) for s, e in encs.items()}
         model = train_deviation(p["seen_train"], p["seen_val"], use_global, cfg)
+        gain = None
+        if use_global and cfg.cv_folds and model.best_epoch > 0:
+            gain = cv_gain(p["seen_train"], p["seen_val"], cfg)
+            if gain <= 0:  # the deviation does not carry to held-out users: serve the global model
+                dim = p["seen_train"].diff.shape[1]
+                model = global_only(cfg.rank, dim, sorted(model.user_weights), model.val_accuracy)
         seen_rows = np.arange(len(p["seen_test"].users))
         seen_w = np.stack([model.user_weights.get(u, model.prior_mean) for u in p["seen_test"].users])
         seen_m = p["seen_test"].global_margin + ((p["seen_test"].diff @ model.basis.T) * seen_w).sum(-1)
@@ -166,6 +209,7 @@ def evaluate_deviation(
         "k": cfg.rank,
         "form": "hier" if use_global else "lore",
         "best_epoch": model.best_epoch,
+        "cv_gain": gain,
         "seen_val_accuracy": model.val_accuracy,
         "seen_test_accuracy": accuracy_of_margins(seen_m[seen_rows]),
         "prior_sigma": (1.0 / np.sqrt(model.precision)).tolist(),

@@ -14,6 +14,7 @@ from models.head import HeadParams
 from training.encoded import EncodedComparisons
 from training.fewshot import zero_shot_accuracy
 from training.hierarchical import DeviationConfig, Pairs, evaluate_deviation, train_deviation
+from training.train import accuracy_of_margins
 
 D = 8
 
@@ -128,3 +129,24 @@ def test_stronger_l2_keeps_the_deviation_smaller() -> None:
     weak = train_deviation(p["seen_train"], p["seen_val"], True, DeviationConfig(l2=1.0))
     strong = train_deviation(p["seen_train"], p["seen_val"], True, DeviationConfig(l2=1000.0))
     assert np.all(np.isfinite(strong.precision)) and strong.precision.min() > weak.precision.min()
+
+
+def test_user_level_cross_validation_keeps_a_deviation_only_where_it_carries_to_held_out_users() -> None:
+    head, encs = two_groups()
+    cv = DeviationConfig(cv_folds=3)
+    kept = evaluate_deviation(head, encs, use_global=True, shots=(20,), cfg=cv)
+    assert kept["cv_gain"] > 0.05  # two real groups: held-out users gain from the deviation
+    assert kept["unseen_fewshot"]["20"]["accuracy"] > kept["unseen_zero_shot_accuracy"] + 0.1
+    # labels that are coin flips: whatever validation kept does not help held-out users, so the model is the
+    # global one for everybody, at every number of shots
+    rng = np.random.default_rng(5)
+    noise = {}
+    for name, e in encs.items():
+        flip = rng.random(len(e)) < 0.5
+        c, r = np.where(flip, e.rejected_idx, e.chosen_idx), np.where(flip, e.chosen_idx, e.rejected_idx)
+        noise[name] = EncodedComparisons(e.users, e.prompt_vecs, e.item_vecs, e.prompt_idx, c, r)
+    out = evaluate_deviation(head, noise, use_global=True, shots=(5, 20), cfg=cv)
+    assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
+    assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
+    global_seen = accuracy_of_margins(Pairs.build(head, noise["seen_test"], True).global_margin)
+    assert out["seen_test_accuracy"] == global_seen
