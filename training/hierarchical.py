@@ -230,7 +230,8 @@ def add_to_run(run_dir: Path, preset: str, shots: Sequence[int] | None = None) -
     for s in seeds:
         path = run_dir / f"seed{s}" / "report.json"
         run = json.loads(path.read_text())
-        exps = {e.name: e for e in experiments(preset, s)}
+        encoder = run["experiments"][0]["encoder"]["name_or_path"]  # the run's own encoder (`--encoder`)
+        exps = {e.name: e for e in experiments(preset, s, encoder=encoder)}
         for rep in run["experiments"]:
             exp = exps[rep["experiment"]]
             encs = encode_splits(exp)
