@@ -39,14 +39,14 @@ from training.train import accuracy_of_margins
 @dataclass(frozen=True)
 class DeviationConfig:
     rank: int = 2  # K of the deviation basis
-    l2: float = 10.0  # on the basis and on the seen users' weights (sum over pairs, not mean)
+    l2: float = 10.0  # on the basis and on the seen users' weights, against the summed (not mean) pair losses
     lr: float = 0.05
     max_epochs: int = 300  # full-batch Adam steps
     eval_every: int = 5
     patience: int = 60
     seed: int = 0
-    # hier only: keep the deviation only if it helps seen users held out of its training (user-level
-    # cross-validation, `cv_gain`) by more than this; else the model is the global one. None: no such check.
+    # hier only: the number of user folds of a cross-validation (`cv_gain`) that keeps the deviation only if it
+    # helps seen users held out of its training; else the model is the global one. None: validation pool only.
     cv_folds: int | None = None
     cv_shots: tuple[int, ...] = (5, 20)
 
