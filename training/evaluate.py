@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import CONFIG_FILE, Checkpoint, CheckpointMeta, read_meta, save_checkpoint, write_config
+from models.checkpoint import (
+    CONFIG_FILE,
+    Checkpoint,
+    CheckpointMeta,
+    read_checkpoint,
+    read_meta,
+    save_checkpoint,
+    write_config,
+)
 from models.pal import PALModel
 from training.data.schema import PreferenceSplits
 from training.encoded import EncodedComparisons, encode
@@ -189,6 +197,8 @@ def run_experiment(
             global_model = result.model
     if "1" in models and len(models) > 1:
         models["served"] = choose_served(models, out_dir)
+    if exp.train.deviation_models and "1" in models:
+        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed))
     return {
         "experiment": exp.name,
         "data": exp.splits.describe(),
@@ -197,6 +207,21 @@ def run_experiment(
         "seconds": time.perf_counter() - t0,
         "models": models,
     }
+
+
+def deviation_models(
+    k1_checkpoint: str | Path, encs: dict[str, EncodedComparisons], shots: Sequence[int], seed: int
+) -> dict[str, dict[str, Any]]:
+    """`hier` (global K=1 reward + low-rank deviation) and `lore` (the low-rank basis alone), fitted on the K=1
+    checkpoint as written, scored on the same users and pairs as every other model."""
+    from training.hierarchical import DeviationConfig, evaluate_deviation
+
+    head = read_checkpoint(k1_checkpoint).head_params
+    out = {}
+    for use_global in (True, False):
+        m = evaluate_deviation(head, encs, use_global, shots, DeviationConfig(seed=seed))
+        out[m["form"]] = m
+    return out
 
 
 def choose_served(
@@ -243,7 +268,8 @@ def choose_served(
 def summarize(reports: list[dict[str, Any]], ks: Sequence[int], shots: Sequence[int]) -> dict[str, Any]:
     """Averages over experiments (Polis conversations); identical to the single report for one experiment."""
     out: dict[str, Any] = {}
-    keys = [str(k) for k in ks] + (["served"] if all("served" in r["models"] for r in reports) else [])
+    extra = ("served", "hier", "lore")  # models every report has beside the trained Ks
+    keys = [str(k) for k in ks] + [key for key in extra if all(key in r["models"] for r in reports)]
     for key in keys:
         ms = [r["models"][key] for r in reports]
         out[key] = {

@@ -24,7 +24,7 @@ SCHEDULES: dict[str, dict[str, object]] = {
     "persona": {"epochs": 40},
     # K > 1 starts from the trained global (K=1) model and keeps it unless an epoch beats it on validation:
     # on these small real data sets a randomly initialised K=3 model was often below K=1 (taxes: below chance).
-    "polis": {"epochs": 20, "batch_size": 512, "patience": 5, "warm_start": True},
+    "polis": {"epochs": 20, "batch_size": 512, "patience": 5, "warm_start": True, "deviation_models": True},
     "demo": {"epochs": 30},  # the small persona set of `pal demo` and the end-to-end tests
     "file": {},  # a user's own preference file (pal train/eval --data)
 }

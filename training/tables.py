@@ -54,6 +54,26 @@ def conversation_table(report: dict[str, Any], n: int = 20) -> str:
     return "\n".join(rows)
 
 
+def versus_k1_table(report: dict[str, Any], keys: tuple[str, ...] = ("served", "hier", "lore"), n: int = 20) -> str:
+    """Per data set and model: seen and unseen@n minus K=1 (paired per seed, points) and unseen@n minus the same
+    model's zero-shot accuracy; the per-seed values of seen and unseen@n minus K=1 show the worst cases."""
+    rows = [
+        f"| data set | model | seen - K=1 | unseen@{n} - K=1 | unseen@{n} - zero-shot "
+        f"| per seed: seen / unseen@{n} - K=1 |",
+        "|" + "---|" * 6,
+    ]
+    for name, c in sorted(report["conversations"].items()):
+        for key in (k for k in keys if k in c):
+            d = c[key]["minus_k1"]
+            per_seed = ", ".join(
+                f"{100 * a:+.1f}/{100 * b:+.1f}"
+                for a, b in zip(d["seen"]["values"], d[f"unseen@{n}"]["values"], strict=True)
+            )
+            cells = [_ci(d["seen"], True), _ci(d[f"unseen@{n}"], True), _ci(c[key][f"gain@{n}"], True), per_seed]
+            rows.append(f"| {name.removeprefix('polis/')} | {key} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def summary_table(report: dict[str, Any]) -> str:
     shots = report["shots"]
     rows = [
@@ -73,6 +93,9 @@ def main(path: str) -> None:
     print(summary_table(report))
     print()
     print(conversation_table(report))
+    if any("hier" in c for c in report["conversations"].values()):
+        print()
+        print(versus_k1_table(report))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class TrainConfig:
     # starting point (epoch 0) is kept unless an epoch beats it on validation.
     warm_start: bool = False
     warm_start_noise: float = 0.01
+    # `pal eval` also fits the hierarchical reward (global K=1 + low-rank deviation) and LoRe on the trained K=1
+    # model and reports them beside K=1 and K (training.hierarchical); evaluation only, nothing is served.
+    deviation_models: bool = False
 
 
 @dataclass

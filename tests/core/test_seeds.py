@@ -50,7 +50,9 @@ def test_eval_with_several_seeds_reports_intervals_per_conversation(
     diff = conv["2"]["minus_k1"]["unseen@5"]
     k1, k2 = conv["1"]["unseen@5"]["values"], conv["2"]["unseen@5"]["values"]
     np.testing.assert_allclose(diff["values"], np.subtract(k2, k1))
-    assert set(report["summary"]) == {"1", "2", "served"} and report["summary"]["2"]["seen"]["n"] == 2
+    assert set(report["summary"]) == {"1", "2", "served", "hier", "lore"} and report["summary"]["2"]["seen"]["n"] == 2
+    # the hierarchical model at zero shots is the global model: same zero-shot accuracy as K=1, seed by seed
+    assert conv["hier"]["zero_shot"]["values"] == conv["1"]["zero_shot"]["values"]
     assert [s["experiment"] for s in report["skipped"]["0"]] == ["polis/tiny"]
     assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
     served = conv["served"]

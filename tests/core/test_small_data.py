@@ -41,5 +41,5 @@ def test_eval_skips_a_conversation_too_small_to_split(polis_dir: Path, tmp_path:
     assert [s["experiment"] for s in report["skipped"]] == ["polis/tiny"]
     assert report["skipped"][0]["reasons"] and all(isinstance(r, str) for r in report["skipped"][0]["reasons"])
     dense = report["experiments"][0]["models"]
-    assert set(dense) == {"1", "2", "served"} and 0.0 <= dense["2"]["seen_test_accuracy"] <= 1.0
+    assert set(dense) == {"1", "2", "served", "hier", "lore"} and 0.0 <= dense["2"]["seen_test_accuracy"] <= 1.0
     assert report["summary"]["2"]["unseen_fewshot_accuracy"]["5"] == dense["2"]["unseen_fewshot"]["5"]["accuracy"]

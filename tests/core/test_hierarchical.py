@@ -1,0 +1,152 @@
+"""The hierarchical reward (global + low-rank deviation): zero shots are the global model exactly, the empirical
+Bayes prior is finite, the one fitter finds the MAP and moves further from the prior with more comparisons, and
+on data with two opposed groups the deviation beats the global model (LoRe, its baseline, runs too)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from models.config import PALConfig
+from models.deviation import empirical_bayes_precision, fit_deviation
+from models.head import HeadParams
+from training.encoded import EncodedComparisons
+from training.fewshot import zero_shot_accuracy
+from training.hierarchical import DeviationConfig, Pairs, evaluate_deviation, train_deviation
+from training.train import accuracy_of_margins
+
+D = 8
+
+
+def global_head(direction: np.ndarray) -> HeadParams:
+    """A K=1 PAL-B head: f = identity, the prompt prototype a fixed direction (g = bias only), tau 5."""
+    cfg = PALConfig(form="B", k=1, prompt_dim=1, item_dim=D, latent_dim=D, n_hidden=0)
+    arrays = {
+        "f.w0": np.eye(D),
+        "f.b0": np.zeros(D),
+        "g.w0": np.zeros((1, 1, D)),
+        "g.b0": direction[None],
+        "log_tau": np.array(np.log(5.0)),
+        "tau": np.array([5.0]),
+    }
+    return HeadParams(cfg, arrays)
+
+
+def two_groups(seed: int = 0) -> tuple[HeadParams, dict[str, EncodedComparisons]]:
+    """Users of two groups that share the global taste and disagree along one other direction of the item
+    embedding; labels follow each user's true reward. Every split gets its own pairs of 200 items."""
+    rng = np.random.default_rng(seed)
+    items = rng.normal(size=(200, D))
+    shared, split_dir = np.eye(D)[0], np.eye(D)[1]
+
+    def reward(x: np.ndarray, sign: int) -> np.ndarray:
+        return 0.5 * x @ shared + 1.5 * sign * (x @ split_dir)
+
+    def split(users: list[str], n: int) -> EncodedComparisons:
+        names, c_idx, r_idx = [], [], []
+        for u in users:
+            sign = 1 if u.startswith("a") else -1
+            for _ in range(n):
+                i, j = rng.choice(len(items), 2, replace=False)
+                win = reward(items[i], sign) > reward(items[j], sign)
+                names.append(u)
+                c_idx.append(i if win else j)
+                r_idx.append(j if win else i)
+        n_rows = len(names)
+        return EncodedComparisons(
+            names, np.ones((1, 1)), items, np.zeros(n_rows, np.int64), np.asarray(c_idx), np.asarray(r_idx)
+        )
+
+    seen = [f"{g}{i}" for g in "ab" for i in range(10)]
+    unseen = [f"{g}u{i}" for g in "ab" for i in range(5)]
+    encs = {
+        "seen_train": split(seen, 40),
+        "seen_val": split(seen, 15),
+        "seen_test": split(seen, 15),
+        "unseen_pool": split(unseen, 20),
+        "unseen_test": split(unseen, 20),
+    }
+    return global_head(shared), encs
+
+
+def test_zero_shot_hierarchical_user_is_the_global_model_exactly() -> None:
+    head, encs = two_groups()
+    out = evaluate_deviation(head, encs, use_global=True, shots=(0, 5, 20))
+    assert out["unseen_zero_shot_accuracy"] == zero_shot_accuracy(head, np.ones(1), encs["unseen_test"])
+    assert out["unseen_fewshot"]["0"]["accuracy"] == out["unseen_zero_shot_accuracy"]  # no pairs: the prior
+    # and margin by margin: a user at the prior mean (w = 0) gets g(chosen) - g(rejected), bit for bit
+    p = {s: Pairs.build(head, e, True) for s, e in encs.items()}
+    model = train_deviation(p["seen_train"], p["seen_val"], use_global=True)
+    rows = np.arange(len(p["unseen_test"].users))
+    assert np.array_equal(model.prior_mean, np.zeros(2))
+    assert np.array_equal(model.user_margins(p["unseen_test"], rows, model.prior_mean), p["unseen_test"].global_margin)
+
+
+def test_deviation_beats_the_global_model_where_groups_disagree() -> None:
+    head, encs = two_groups()
+    hier = evaluate_deviation(head, encs, use_global=True, shots=(5, 20))
+    base = zero_shot_accuracy(head, np.ones(1), encs["seen_test"])
+    assert hier["best_epoch"] > 0  # validation kept a deviation (epoch 0 is the global model)
+    assert hier["seen_test_accuracy"] > base + 0.1
+    assert hier["unseen_fewshot"]["20"]["accuracy"] > hier["unseen_zero_shot_accuracy"] + 0.1
+    lore = evaluate_deviation(head, encs, use_global=False, shots=(20,))
+    assert lore["form"] == "lore" and lore["unseen_fewshot"]["20"]["accuracy"] > 0.6
+
+
+def test_empirical_bayes_precision_is_finite() -> None:
+    assert np.all(np.isfinite(empirical_bayes_precision(np.zeros((5, 3)), np.zeros(3))))
+    prec = empirical_bayes_precision(np.array([[1.0, 0.0], [-1.0, 0.0]]), np.zeros(2))
+    assert prec[0] == pytest.approx(1.0, rel=1e-5) and np.isfinite(prec[1]) and prec[1] > 1e5
+
+
+def test_fit_is_the_map_and_moves_with_the_number_of_comparisons() -> None:
+    rng = np.random.default_rng(3)
+    true_w, k = np.array([1.5, -1.0]), 2
+    basis = rng.normal(size=(400, k))
+    g = rng.normal(size=400)
+    y = rng.random(400) < 1 / (1 + np.exp(-(g + basis @ true_w)))
+    sign = np.where(y, 1.0, -1.0)  # a pair the user rejected is the same pair with its sides swapped
+    gm, bm = sign * g, sign[:, None] * basis
+    mean, prec = np.zeros(k), np.full(k, 2.0)
+    assert np.array_equal(fit_deviation(gm[:0], bm[:0], mean, prec), mean)
+
+    def posterior(w: np.ndarray, n: int) -> float:
+        return float(np.logaddexp(0, -(gm[:n] + bm[:n] @ w)).sum() + 0.5 * (prec * w * w).sum())
+
+    w50 = fit_deviation(gm[:50], bm[:50], mean, prec)
+    ref = minimize(posterior, np.zeros(k), args=(50,), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(w50, ref, atol=1e-5)
+    errors = [np.linalg.norm(fit_deviation(gm[:n], bm[:n], mean, prec) - true_w) for n in (2, 20, 400)]
+    assert errors[0] > errors[1] > errors[2]
+    norms = [np.linalg.norm(fit_deviation(gm[:n], bm[:n], mean, prec)) for n in (2, 20, 400)]
+    assert norms[0] < norms[2]  # little data stays near the prior (zero: the global model)
+
+
+def test_stronger_l2_keeps_the_deviation_smaller() -> None:
+    head, encs = two_groups(1)
+    p = {s: Pairs.build(head, e, True) for s, e in encs.items()}
+    weak = train_deviation(p["seen_train"], p["seen_val"], True, DeviationConfig(l2=1.0))
+    strong = train_deviation(p["seen_train"], p["seen_val"], True, DeviationConfig(l2=1000.0))
+    assert np.all(np.isfinite(strong.precision)) and strong.precision.min() > weak.precision.min()
+
+
+def test_user_level_cross_validation_keeps_a_deviation_only_where_it_carries_to_held_out_users() -> None:
+    head, encs = two_groups()
+    cv = DeviationConfig(cv_folds=3)
+    kept = evaluate_deviation(head, encs, use_global=True, shots=(20,), cfg=cv)
+    assert kept["cv_gain"] > 0.05  # two real groups: held-out users gain from the deviation
+    assert kept["unseen_fewshot"]["20"]["accuracy"] > kept["unseen_zero_shot_accuracy"] + 0.1
+    # labels that are coin flips: whatever validation kept does not help held-out users, so the model is the
+    # global one for everybody, at every number of shots
+    rng = np.random.default_rng(5)
+    noise = {}
+    for name, e in encs.items():
+        flip = rng.random(len(e)) < 0.5
+        c, r = np.where(flip, e.rejected_idx, e.chosen_idx), np.where(flip, e.chosen_idx, e.rejected_idx)
+        noise[name] = EncodedComparisons(e.users, e.prompt_vecs, e.item_vecs, e.prompt_idx, c, r)
+    out = evaluate_deviation(head, noise, use_global=True, shots=(5, 20), cfg=cv)
+    assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
+    assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
+    global_seen = accuracy_of_margins(Pairs.build(head, noise["seen_test"], True).global_margin)
+    assert out["seen_test_accuracy"] == global_seen
