@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from models import validation_sample
 from models.checkpoint import read_checkpoint, save_checkpoint, set_prior_strength, update_metrics
 from models.pal import PALModel
 from training.data.schema import PreferenceSplits
@@ -78,6 +79,9 @@ def train_and_save(
         training={"data": exp.splits.describe(), "config": config_dict(exp.train), **result.describe()},
         metrics={"seen_val_accuracy": result.val_accuracy, "train_seconds": time.perf_counter() - t0},
     )
+    # A sample of the validation comparisons travels with the checkpoint into its bundle, where the scorer measures
+    # on it how many decisions each precision keeps (models/precision.py).
+    validation_sample.write(ckpt_dir, validation_sample.sample(exp.splits.seen_val))
     # Chosen on seen users' validation pairs, from the checkpoint as written: the value /adapt will serve with.
     ckpt = read_checkpoint(ckpt_dir)
     with limit_threads(1):
