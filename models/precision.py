@@ -28,6 +28,7 @@ import numpy as np
 
 from models import validation_sample
 from models.bundle import BundleError
+from models.providers.base import ProviderError
 
 if TYPE_CHECKING:
     from models.scorer import Scorer
@@ -123,21 +124,24 @@ def choose(
     if source == "measured":
         expected = decisions(reference, pairs)
         for precision in faster:
-            scorer = load(reference.backend.name, precision)
+            try:
+                scorer = load(reference.backend.name, precision)
+            except ProviderError as e:  # a precision that does not start here is not a reason to not start at all
+                log.warning("%s not measured: %s", precision, e)
+                continue
             agreement[precision] = float(np.mean(decisions(scorer, pairs) == expected))
             log.info("%s keeps %.4f of %d validation decisions", precision, agreement[precision], len(pairs))
             if served is None and agreement[precision] >= min_agreement:
                 served = scorer  # the fastest that passes; slower ones are measured for /info, then dropped
         agreement[REFERENCE] = 1.0
         _write_cache(cache_dir, key, agreement, len(pairs))
-    chosen = next((p for p in faster if agreement[p] >= min_agreement), REFERENCE)
+    chosen = next((p for p in faster if agreement.get(p, -1.0) >= min_agreement), REFERENCE)
     if chosen == REFERENCE:
         served = reference
-        best = max(faster, key=lambda p: agreement[p])
-        reason = (
-            f"no faster precision keeps >= {min_agreement:.2%} of {len(pairs)} validation decisions "
-            f"({best} keeps {agreement[best]:.2%}): serving fp32"
-        )
+        best = max(faster, key=lambda p: agreement.get(p, -1.0))
+        kept = f"{best} keeps {agreement[best]:.2%}" if best in agreement else f"{best} did not start"
+        reason = f"no faster precision keeps >= {min_agreement:.2%} of {len(pairs)} validation decisions ({kept}): "
+        reason += "serving fp32"
     else:
         served = served if served is not None and served.precision == chosen else load(reference.backend.name, chosen)
         reason = f"{chosen} is the fastest precision keeping >= {min_agreement:.2%} of {len(pairs)} validation "

@@ -14,7 +14,7 @@ from models.bundle import BundleError
 from models.export import export_bundle
 from models.precision import choose
 from models.providers import openvino_runtime as rt
-from models.scorer import Scorer
+from models.scorer import ProviderError, Scorer
 from tests.scorer.factory import copy_bundle
 from tests.scorer.fidelity import clear_pairs, near_ties, with_sample
 
@@ -115,3 +115,16 @@ def test_export_carries_a_sample_into_the_bundle_version(random_bundle_b: Path, 
     validation_sample.write(damaged, pairs[:3])
     with pytest.raises(BundleError, match="validation.json"):
         Scorer.load(damaged, provider="cpu", intra_op_threads=1)
+
+
+@needs_bf16
+def test_precision_that_fails_to_start_leaves_fp32_serving(clear: Path, tmp_path: Path) -> None:
+    class Bf16Fails(Loads):
+        def __call__(self, provider: str, precision: str) -> Scorer:
+            if precision == "bf16":
+                raise ProviderError("OpenVINO could not compile the bf16 graph")
+            return super().__call__(provider, precision)
+
+    scorer, choice = choose(clear, RUNTIME, Bf16Fails(clear), cache_dir=tmp_path)
+    assert (scorer.precision, choice.precision) == ("fp32", "fp32")
+    assert "bf16 did not start" in choice.reason and "bf16" not in choice.agreement
