@@ -10,6 +10,8 @@
     users.safetensors  {"logits": (n_users, K)} seen users' simplex logits
     users.json         seen user ids, row order of the logits
     tokenizer/         tokenizer.json (+ the HF tokenizer config files; tokenizer_config.json names the pad token)
+    validation.json    optional: a sample of the checkpoint's validation comparisons, on which the scorer measures
+                       how many decisions each precision keeps (models/validation_sample.py, models/precision.py)
 
 The version is a hash of everything that changes a reward: the config fields the scorer reads and the sha256 of
 every file above but config.json (`digests`). It keys stored user fits and cached encodings, so a bundle whose
@@ -29,6 +31,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from models import validation_sample
 from models.checkpoint import USER_IDS_FILE, USERS_FILE, check_head_arrays, check_user_arrays
 from models.config import EncoderSpec, PALConfig
 from models.head import HeadParams, softmax
@@ -41,6 +44,7 @@ GRAPH_PORTABLE = "model.portable.onnx"
 HEAD_FILE = "head.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
+VALIDATION_FILE = validation_sample.FILE
 
 LATENT = "latent"
 PROMPT_PROTOTYPES = "prompt_prototypes"
@@ -87,6 +91,8 @@ def content_files(directory: str | Path, meta: BundleMeta) -> list[str]:
     """Paths (relative, posix) of every file whose bytes change a reward."""
     directory = Path(directory)
     names = [HEAD_FILE, USERS_FILE, USER_IDS_FILE, *meta.graphs.values()]
+    if (directory / VALIDATION_FILE).is_file():  # optional; bundles exported before it have none
+        names.append(VALIDATION_FILE)
     tokenizer = directory / TOKENIZER_DIR
     if tokenizer.is_dir():
         names += [p.relative_to(directory).as_posix() for p in tokenizer.rglob("*") if p.is_file()]

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from models import bundle as B
+from models import validation_sample
 from models.checkpoint import MODEL_FILE, USER_IDS_FILE, USERS_FILE, load_model
 from models.config import EncoderSpec
 from models.embedder import ENCODER_GRAPH, ENCODER_SPEC_FILE
@@ -91,9 +92,17 @@ class ScoringGraph(nn.Module):
 
 
 def export_bundle(
-    checkpoint: str | Path, out: str | Path, fp16: bool = False, external_data_bytes: int | None = None
+    checkpoint: str | Path,
+    out: str | Path,
+    fp16: bool = False,
+    external_data_bytes: int | None = None,
+    validation: str | Path | None = None,
 ) -> ExportReport:
     """Write the bundle to `out` (replacing an earlier bundle there) and return what was exported.
+
+    validation: comparisons to sample the bundle's validation sample from (models.validation_sample.load); by
+    default the checkpoint's own sample, which training writes. Without one the bundle has none, and the service
+    serves fp32 unless told otherwise (models/precision.py).
 
     external_data_bytes: weights above this size go to a `.data` file beside a decoder's graph (default: just under
     protobuf's 2 GB limit; tests lower it to exercise that layout on a tiny model)."""
@@ -130,6 +139,9 @@ def export_bundle(
         shutil.copyfile(checkpoint / MODEL_FILE, work / B.HEAD_FILE)
         shutil.copyfile(checkpoint / USERS_FILE, work / B.USERS_FILE)
         shutil.copyfile(checkpoint / USER_IDS_FILE, work / B.USER_IDS_FILE)
+        pairs = _validation_pairs(checkpoint, validation)
+        if pairs:
+            validation_sample.write(work, pairs)
         tokenizer.save_pretrained(str(work / B.TOKENIZER_DIR))
         if not (work / B.TOKENIZER_DIR / B.TOKENIZER_FILE).is_file():
             raise ExportError(f"encoder {spec.name_or_path!r} has no fast tokenizer (tokenizer.json)")
@@ -260,6 +272,16 @@ def _check_fp16(path: Path, probe: _Probe) -> float:
     if not np.isfinite(diff) or diff > FP16_TOLERANCE * max(1.0, _scale(probe.reference)):
         raise ExportError(f"fp16 graph differs from torch by {diff:.2e}")
     return diff
+
+
+def _validation_pairs(checkpoint: Path, validation: str | Path | None) -> list[validation_sample.ValidationPair]:
+    """The sample the bundle carries: drawn from `validation` if given, else the checkpoint's own (if any)."""
+    try:
+        if validation is not None:
+            return validation_sample.sample(validation_sample.load(validation))
+        return validation_sample.sample(validation_sample.read(checkpoint) or [])
+    except validation_sample.ValidationSampleError as e:
+        raise ExportError(str(e)) from e
 
 
 def _check_target(out: Path) -> None:

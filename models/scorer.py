@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +29,9 @@ from models.cache import LRUCache
 from models.config import EncoderSpec, pair_text
 from models.head import ComparisonFeatures, HeadParams, prototype_rewards, reward_a, reward_b
 from models.providers import ExecutionProvider, ProviderError, open_session
+
+if TYPE_CHECKING:
+    from models.precision import PrecisionChoice
 
 __all__ = ["EncodedItems", "ProviderError", "Scorer"]
 
@@ -103,6 +107,9 @@ class Scorer:
     ) -> None:
         self.meta = meta
         self.precision = precision
+        # How the precision was chosen (models/precision.py), when the loader chose it; /info reports it.
+        self.precision_choice: PrecisionChoice | None = None
+        self.backend = provider
         self.head = head
         self.provider: str = session.get_providers()[0]
         self.max_batch_tokens = max_batch_tokens or provider.batch_tokens

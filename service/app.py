@@ -39,17 +39,33 @@ MAX_REPORTED_ERRORS = 20  # validation errors listed in a 422; the rest are coun
 
 
 def load_scorer(settings: Settings) -> Scorer:
+    """The bundle's scorer at the configured precision, or under PAL_PRECISION=auto the one chosen by measured
+    fidelity (models/precision.py); how it was chosen is on `scorer.precision_choice` for /info."""
+    from models.precision import choose
     from models.scorer import Scorer
 
-    return Scorer.load(
+    def load(provider: str, precision: str) -> Scorer:
+        return Scorer.load(
+            settings.bundle_dir,
+            provider=provider,
+            precision=precision,
+            intra_op_threads=settings.intra_op_threads,
+            spinning=settings.intra_op_spinning,
+            max_batch_tokens=settings.max_batch_tokens,
+            cache_size=settings.embedding_cache_size,
+        )
+
+    scorer, choice = choose(
         settings.bundle_dir,
-        provider=settings.provider,
-        precision=settings.precision,
-        intra_op_threads=settings.intra_op_threads,
-        spinning=settings.intra_op_spinning,
-        max_batch_tokens=settings.max_batch_tokens,
-        cache_size=settings.embedding_cache_size,
+        settings.provider,
+        load,
+        requested=settings.precision,
+        min_agreement=settings.precision_min_agreement,
+        cache_dir=settings.precision_cache_dir,
     )
+    scorer.precision_choice = choice
+    log.info("precision %s (%s): %s", choice.precision, choice.source, choice.reason)
+    return scorer
 
 
 async def _start(app: FastAPI, settings: Settings, store: UserStore, scorer: Scorer | None) -> None:
@@ -87,6 +103,13 @@ async def _start(app: FastAPI, settings: Settings, store: UserStore, scorer: Sco
         app.state.load_error = f"{type(e).__name__}: {e}"
         return
     await engine.migrate(retry_s=settings.retry_after_s * 5)
+
+
+def _precision_choice(scorer: Scorer) -> dict[str, object]:
+    """How the served precision was chosen; a scorer handed to create_app was chosen by its caller."""
+    if scorer.precision_choice is not None:
+        return scorer.precision_choice.as_dict()
+    return {"precision": scorer.precision, "source": "given", "reason": "the scorer was loaded by the caller"}
 
 
 def _lifespan(settings: Settings, scorer: Scorer | None):
@@ -205,6 +228,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             encoder=meta.encoder.model_dump(),
             provider=engine.scorer.provider,
             precision=engine.scorer.precision,
+            precision_choice=_precision_choice(engine.scorer),
             limits={
                 "max_items_per_request": s.max_items_per_request,
                 "max_text_chars": s.max_text_chars,

@@ -19,10 +19,23 @@ class Settings(BaseSettings):
     bundle_dir: Path = Field(default=Path("runs/demo/bundle"), description="scorer bundle written by `pal export`")
     provider: str = Field(default="auto", description=describe_providers())
     precision: str = Field(
-        default="fp32",
-        description="fp32 everywhere; fp16: the bundle's fp16 graph (GPU); bf16: a CPU with AMX/AVX512-BF16, ~3x "
-        "faster than fp32 there, rewards within ~1% of their spread (docs/SCORER.md). Runs on: "
-        + describe_precisions(),
+        default="auto",
+        description="auto: the fastest precision the provider offers that keeps >= PAL_PRECISION_MIN_AGREEMENT of "
+        "the bundle's validation decisions, measured at first start (fp32 for a bundle without a validation sample); "
+        "or one by name, which overrides: fp32 everywhere; fp16: the bundle's fp16 graph (GPU); bf16: a CPU with "
+        "AMX/AVX512-BF16, 1.7-3.3x faster than fp32 there (docs/SCORER.md). Runs on: " + describe_precisions(),
+    )
+    precision_min_agreement: float = Field(
+        default=0.995,
+        ge=0,
+        le=1,
+        description="PAL_PRECISION=auto serves a faster precision only if it keeps at least this fraction of the "
+        "validation decisions fp32 makes (chosen above rejected for the pair's user)",
+    )
+    precision_cache_dir: Path | None = Field(
+        default=Path("runs/precision"),
+        description="where PAL_PRECISION=auto keeps its measurements, per bundle version, provider and CPU, so a "
+        "restart does not measure again; unset: measure at every start",
     )
     intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime threads; 0 = library default")
     intra_op_spinning: bool = Field(
@@ -238,8 +251,8 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _known_precision(cls, value: str) -> str:
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} (models/providers), got {value!r}")
+        if value != "auto" and value not in PRECISIONS:
+            raise ValueError(f"precision must be auto or one of {PRECISIONS} (models/providers), got {value!r}")
         return value
 
     @model_validator(mode="after")

@@ -188,6 +188,11 @@ class Info(BaseModel):
     encoder: dict
     provider: str
     precision: str
+    precision_choice: dict = Field(
+        default_factory=dict,
+        description="how the precision was chosen: source (override, measured, cached, only, no-sample, given), "
+        "reason, min_agreement and the measured agreement with fp32 per precision (models/precision.py)",
+    )
     limits: dict[str, int | float]
     seen_users: int
     user_state: dict[str, int | str] = Field(description="start-up seeding of checkpoint users and refits")

@@ -23,6 +23,13 @@ def export(
         float | None,
         typer.Option(help="decoder weights above this many MB go to a .data file beside the graph (default ~1800)"),
     ] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            help="comparisons to keep a sample of (<=256) for choosing the served precision: a splits directory "
+            "(its seen_val.jsonl) or a JSONL file; default: the checkpoint's own validation sample"
+        ),
+    ] = None,
 ) -> None:
     """Export encoder + pooling + PAL head to a self-contained ONNX scorer bundle."""
     from models.checkpoint import CheckpointError
@@ -30,7 +37,7 @@ def export(
 
     limit = None if external_data_mb is None else int(external_data_mb * 1e6)
     try:
-        report = export_bundle(checkpoint, out, fp16=fp16, external_data_bytes=limit)
+        report = export_bundle(checkpoint, out, fp16=fp16, external_data_bytes=limit, validation=validation)
     except (ExportError, CheckpointError) as e:
         typer.echo(f"export failed: {e}", err=True)
         raise typer.Exit(1) from e

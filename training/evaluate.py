@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from models import validation_sample
 from models.checkpoint import (
     CONFIG_FILE,
     Checkpoint,
@@ -90,6 +91,11 @@ def train_model(
         metrics={"seen_val_accuracy": result.val_accuracy, "train_seconds": time.perf_counter() - t0},
         defer_config=True,
     )
+    # A sample of the validation comparisons travels with the checkpoint into its bundle, where the scorer measures
+    # on it how many decisions each precision keeps (models/precision.py).
+    # A streamed run's comparisons stay in its on-disk cache: its bundle takes them from `pal export --validation`.
+    if isinstance(exp.splits, PreferenceSplits):
+        validation_sample.write(ckpt_dir, validation_sample.sample(exp.splits.seen_val))
     # Chosen on seen users' validation pairs, from the checkpoint as saved: the value /adapt will serve with.
     with limit_threads(1):
         strength, scores = select_prior_strength(

@@ -32,6 +32,9 @@ class ExecutionProvider(ABC):
     ort_name: ClassVar[str]  # onnxruntime's name, what Scorer.provider and /info report
     description: ClassVar[str]  # one line for the settings table
     precisions: ClassVar[tuple[str, ...]]
+    # The precisions the service may pick by measured fidelity (models/precision.py), fastest first (from bench/);
+    # one missing here is served only when asked for by name.
+    fast_first: ClassVar[tuple[str, ...]] = ("fp32",)
     # Padded tokens per encoder batch when the caller sets none.
     batch_tokens: ClassVar[int]
     # A row that would get more padding than this starts a new batch; None: rows of any length share a batch.

@@ -46,7 +46,8 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pal_serve(bundle: Path, redis_dir: Path, log: Path) -> Iterator[httpx.Client]:
     """`pal serve BUNDLE` as a subprocess on a free loopback port, until /health says warm."""
     port = free_port()
-    env = {**os.environ, "PAL_REDIS_DATA_DIR": str(redis_dir), "PAL_INTRA_OP_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PAL_REDIS_DATA_DIR": str(redis_dir), "PAL_INTRA_OP_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PAL_PRECISION_CACHE_DIR": str(redis_dir.parent / "precision")}
     env.pop("REDIS_URL", None)
     cmd = [sys.executable, "-m", "training.cli", "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "ab") as out:
@@ -91,6 +92,9 @@ def test_adapted_unseen_users_rank_held_out_pairs_better_and_survive_restart(tra
     with pal_serve(trained_bundle, redis_dir, log) as client:
         info = client.get("/info").json()
         assert info["seen_users"] > 0 and info["form"] == "B"
+        # Training's validation sample reached the bundle, so the precision was chosen on it (or the provider offers
+        # nothing faster than fp32).
+        assert info["precision_choice"]["source"] in ("measured", "cached", "only"), info["precision_choice"]
         prior, adapted, fits = [], [], {}
         for user, (pool, test) in users.items():
             assert client.get(f"/users/{user}").status_code == 404  # not a user the checkpoint saw
