@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from models.config import DEFAULT_ENCODER
 from service.cli import serve
+
+if TYPE_CHECKING:
+    from training.pipeline import RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="pal-rm: pluralistic (PAL) reward models")
 
@@ -97,28 +100,29 @@ def train(
     provider: Annotated[str, typer.Option(help="--stream: embedding provider, auto | cuda | cpu")] = "auto",
 ) -> None:
     """Train one PAL model on a preset, your preference file, or JSONL splits, and save a checkpoint."""
-    from training.pipeline import dumps, train_one
+    from training.pipeline import RunOptions, dumps, train_one
 
     if stream and (data is None or not data.is_file()):
         typer.echo("train failed: --stream needs --data FILE (a .jsonl, .csv or .parquet file)", err=True)
         raise typer.Exit(1)
     if data is not None and data.is_file():
         kw = {"stream": True, "cache_dir": cache_dir, "provider": provider} if stream else {}
-        typer.echo(dumps(_file_command("train", data, out, k, seed, encoder, user_column, pooling, **kw)))
+        typer.echo(dumps(_file_command("train", data, out, RunOptions(k, seed, encoder), user_column, pooling, **kw)))
         return
-    typer.echo(dumps(train_one(preset, out, k, seed, encoder, data)))
+    typer.echo(dumps(train_one(preset, out, RunOptions(k, seed, encoder), data)))
 
 
-def _file_command(what: str, data: Path, out: Path, k: int, seed: int, encoder: str, user_column: str,
-                  pooling: str | None, **kw: object) -> dict:  # fmt: skip
+def _file_command(
+    what: str, data: Path, out: Path, run: RunOptions, user_column: str, pooling: str | None, **kw: object
+) -> dict:
     """train/eval on a user's preference file; a bad file is one clear error listing its bad rows, no traceback."""
     from training.data.userfile import PreferenceFileError
     from training.pipeline import evaluate_file, train_file
 
     try:
         if what == "train":
-            return train_file(data, out, k, seed, encoder, user_column, pooling, **kw)
-        return evaluate_file(data, out, k, seed, encoder=encoder, user_column=user_column, pooling=pooling, **kw)
+            return train_file(data, out, run, user_column, pooling, **kw)
+        return evaluate_file(data, out, run, user_column, pooling)
     except PreferenceFileError as e:
         typer.echo(f"{what} failed: {e}", err=True)
         raise typer.Exit(1) from e
@@ -147,14 +151,13 @@ def evaluate(
     pooling: Annotated[str | None, typer.Option(help="mean | cls | last (default: by architecture)")] = None,
 ) -> None:
     """Seen-user accuracy on held-out pairs and unseen-user accuracy vs shots, for K=1 and K."""
-    from training.pipeline import dumps, evaluate_preset
+    from training.pipeline import RunOptions, dumps, evaluate_preset
 
+    run = RunOptions(k, seed, encoder, _shots(shots), prior_strength)
     if data is not None:
-        kw = {"shots": _shots(shots), "prior_strength": prior_strength}
-        typer.echo(dumps(_file_command("eval", data, out, k, seed, encoder, user_column, pooling, **kw)))
+        typer.echo(dumps(_file_command("eval", data, out, run, user_column, pooling)))
         return
-    seed_list = _shots(seeds) if seeds else None
-    typer.echo(dumps(evaluate_preset(preset, out, k, seed, _shots(shots), prior_strength, encoder, seed_list)))
+    typer.echo(dumps(evaluate_preset(preset, out, run, _shots(seeds) if seeds else None)))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="the public data sets the presets read")

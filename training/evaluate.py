@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +183,19 @@ def _evaluate_checkpoint(
     return metrics
 
 
-def run_experiment(
-    exp: Experiment,
-    out_dir: Path,
-    ks: Sequence[int],
-    shots: Sequence[int] = SHOTS,
-    prior_strength: float | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalPlan:
+    """What `pal eval` measures: the Ks (K=1, the global model, is the baseline), the shot counts of the unseen
+    users' few-shot curve and their prior strength (None: chosen on seen users' validation pairs)."""
+
+    ks: tuple[int, ...]
+    shots: tuple[int, ...] = SHOTS
+    prior_strength: float | None = None
+    progress: bool = True
+
+
+def run_experiment(exp: Experiment, out_dir: Path, plan: EvalPlan) -> dict[str, Any]:
+    ks, shots, prior_strength, progress = plan.ks, plan.shots, plan.prior_strength, plan.progress
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     encs = encode_splits(exp)
@@ -298,17 +304,11 @@ def plot(summary: dict[str, Any], shots: Sequence[int], path: Path, title: str) 
 
 
 def run_preset(
-    experiments: list[Experiment],
-    out_dir: Path,
-    ks: Sequence[int],
-    shots: Sequence[int] = SHOTS,
-    prior_strength: float | None = None,
-    title: str = "",
-    progress: bool = True,
-    joint: bool = False,
+    experiments: list[Experiment], out_dir: Path, plan: EvalPlan, title: str = "", joint: bool = False
 ) -> dict[str, Any]:
     """Run every experiment of a preset (joint: one model over all of them, training.joint, scored per
     experiment); write report.json and fewshot.png into out_dir."""
+    ks, shots, progress = plan.ks, plan.shots, plan.progress
     out_dir = Path(out_dir)
     reports, skipped, kept = [], [], []
     for exp in experiments:
@@ -322,10 +322,10 @@ def run_preset(
     if joint and kept:
         from training.joint import run_joint
 
-        reports = run_joint(kept, out_dir, ks, shots, prior_strength, progress, name=title or "joint")
+        reports = run_joint(kept, out_dir, plan, name=title or "joint")
     for exp in [] if joint else kept:
         sub = out_dir if len(experiments) == 1 else out_dir / exp.name.replace("/", "_")
-        reports.append(run_experiment(exp, sub, ks, shots, prior_strength, progress))
+        reports.append(run_experiment(exp, sub, plan))
     summary = summarize(reports, ks, shots) if reports else {}
     report = {
         "title": title,

@@ -7,15 +7,13 @@ per-conversation models are scored on, so the two reports compare row by row."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import write_config
 from training.data.schema import PreferenceSplits
 from training.encoded import EncodedComparisons
-from training.evaluate import SPLIT_NAMES, _evaluate_checkpoint, choose_served, encode_splits, train_model
-from training.fewshot import SHOTS
+from training.evaluate import SPLIT_NAMES, EvalPlan, _evaluate_checkpoint, choose_served, encode_splits, train_model
 from training.presets import Experiment
 from training.threads import limit_threads
 
@@ -34,16 +32,9 @@ def _subset(enc: EncodedComparisons, users: set[str]) -> EncodedComparisons:
     return enc.rows([i for i, u in enumerate(enc.users) if u in users])
 
 
-def run_joint(
-    exps: list[Experiment],
-    out_dir: Path,
-    ks: Sequence[int],
-    shots: Sequence[int] = SHOTS,
-    prior_strength: float | None = None,
-    progress: bool = True,
-    name: str = "joint",
-) -> list[dict[str, Any]]:
+def run_joint(exps: list[Experiment], out_dir: Path, plan: EvalPlan, name: str = "joint") -> list[dict[str, Any]]:
     """Train one model per K on the union; return one report per data set (run_experiment's shape)."""
+    ks, shots, prior_strength, progress = plan.ks, plan.shots, plan.prior_strength, plan.progress
     t0 = time.perf_counter()
     joint = merge(exps, name)
     encs = encode_splits(joint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from models.config import DEFAULT_ENCODER, EncoderSpec
 from training.data.persona import PersonaParams, build_persona
 from training.data.schema import Comparison, PreferenceSplits, by_user
 from training.embed import CachedEncoder
-from training.evaluate import encode_splits, run_preset, train_and_save
+from training.evaluate import EvalPlan, encode_splits, run_preset, train_and_save
 from training.fewshot import SHOTS
 from training.presets import JOINT_SUFFIX, PRESETS, Experiment, _text_pal, experiments, schedule
 from training.seeds import write_report
@@ -64,16 +65,25 @@ def build_data(preset: str, out: Path, seed: int = 0) -> dict[str, Any]:
     return {exp.name: exp.splits.describe() for exp in exps}
 
 
-def train_one(
-    preset: str,
-    out: Path,
-    k: int = 3,
-    seed: int = 0,
-    encoder: str = DEFAULT_ENCODER,
-    data: Path | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunOptions:
+    """What every `pal train` and `pal eval` run is given: the chosen K (evaluated beside the K=1 baseline), the
+    data and training seed, the frozen encoder, and for `pal eval` the shot counts and prior strength."""
+
+    k: int = 3
+    seed: int = 0
+    encoder: str = DEFAULT_ENCODER
+    shots: tuple[int, ...] = SHOTS
+    prior_strength: float | None = None
+
+    def plan(self) -> EvalPlan:
+        return EvalPlan((1, self.k) if self.k != 1 else (1,), self.shots, self.prior_strength)
+
+
+def train_one(preset: str, out: Path, run: RunOptions = RunOptions(), data: Path | None = None) -> dict[str, Any]:
     """Train one model and save the checkpoint: on a preset (the first conversation for Polis), or on JSONL
     splits written by `pal build-data` (text data, PAL-B on the given encoder)."""
+    k, seed, encoder = run.k, run.seed, run.encoder
     if data is not None:
         splits = PreferenceSplits.load(data)
         if splits.info.get("builder") == "simulated":
@@ -86,33 +96,22 @@ def train_one(
 
 
 def evaluate_preset(
-    preset: str,
-    out: Path,
-    k: int = 3,
-    seed: int = 0,
-    shots: tuple[int, ...] = SHOTS,
-    prior_strength: float | None = None,
-    encoder: str = DEFAULT_ENCODER,
-    seeds: tuple[int, ...] | None = None,
+    preset: str, out: Path, run: RunOptions = RunOptions(), seeds: tuple[int, ...] | None = None
 ) -> dict[str, Any]:
     """One seed: OUT/report.json as before. Several (`seeds`): OUT/seed<s>/ per seed, and OUT/report.json with
     per data set means and 95% t-intervals over seeds (training.seeds)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: expected one of {PRESETS}")
-    ks = (1, k) if k != 1 else (1,)
     joint = preset.endswith(JOINT_SUFFIX)
+
+    def one(seed: int, directory: Path) -> dict[str, Any]:
+        return run_preset(experiments(preset, seed, run.k, run.encoder), directory, run.plan(), preset, joint=joint)
+
     if seeds:
-        runs = [
-            run_preset(
-                experiments(preset, s, k, encoder), out / f"seed{s}", ks, shots, prior_strength, preset, joint=joint
-            )
-            for s in seeds
-        ]
-        report = write_report(runs, seeds, out, preset)
-        skipped = report["skipped"]
+        report = write_report([one(s, out / f"seed{s}") for s in seeds], seeds, out, preset)
     else:
-        report = run_preset(experiments(preset, seed, k, encoder), out, ks, shots, prior_strength, preset, joint=joint)
-        skipped = report["skipped"]
+        report = one(run.seed, out)
+    skipped = report["skipped"]
     return {
         "summary": report["summary"],
         "skipped": skipped,
@@ -181,9 +180,7 @@ def _describe_file_splits(splits: PreferenceSplits) -> dict[str, Any]:
 def train_file(
     path: Path,
     out: Path,
-    k: int = 3,
-    seed: int = 0,
-    encoder: str = DEFAULT_ENCODER,
+    run: RunOptions = RunOptions(),
     user_column: str = "user_id",
     pooling: str | None = None,
     stream: bool = False,
@@ -192,6 +189,7 @@ def train_file(
 ) -> dict[str, Any]:
     """`pal train --data FILE`: split, train, save the checkpoint and its splits (in `<out>/splits`). With `stream`,
     through the on-disk cache instead (training.stream; the splits stay in the cache, as index arrays)."""
+    k, seed, encoder = run.k, run.seed, run.encoder
     if stream:
         from training.stream import train_stream
 
@@ -211,21 +209,12 @@ def train_checkpoint(
 
 
 def evaluate_file(
-    path: Path,
-    out: Path,
-    k: int = 3,
-    seed: int = 0,
-    shots: tuple[int, ...] = SHOTS,
-    prior_strength: float | None = None,
-    encoder: str = DEFAULT_ENCODER,
-    user_column: str = "user_id",
-    pooling: str | None = None,
+    path: Path, out: Path, run: RunOptions = RunOptions(), user_column: str = "user_id", pooling: str | None = None
 ) -> dict[str, Any]:
     """`pal eval --data FILE`: K=1 and K on the file's splits; report.json, fewshot.png and splits in `out`."""
-    exp = file_experiment(path, k, seed, encoder, user_column, pooling)
+    exp = file_experiment(path, run.k, run.seed, run.encoder, user_column, pooling)
     print(dumps({"data": _describe_file_splits(exp.splits)}))
-    ks = (1, k) if k != 1 else (1,)
-    report = run_preset([exp], out, ks, shots, prior_strength, title=path.name)
+    report = run_preset([exp], out, run.plan(), title=path.name)
     return {
         "summary": report["summary"],
         "data": _save_splits(exp.splits, out / "splits"),

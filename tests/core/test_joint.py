@@ -17,7 +17,7 @@ def test_joint_model_is_trained_once_and_scored_per_conversation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config_writes: Counter[Path]
 ) -> None:
     from training.data.polis import PolisParams, build_polis
-    from training.pipeline import evaluate_preset
+    from training.pipeline import RunOptions, evaluate_preset
 
     data = tmp_path / "data"
     write_conversation(data, "dense-a", n_participants=50, n_statements=50, votes_per_participant=30, seed=1)
@@ -26,7 +26,7 @@ def test_joint_model_is_trained_once_and_scored_per_conversation(
     monkeypatch.setenv("PAL_DATA_DIR", str(data))
     monkeypatch.setenv("PAL_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "joint"
-    evaluate_preset("polis-joint", out, k=2, shots=(1, 5))
+    evaluate_preset("polis-joint", out, RunOptions(k=2, shots=(1, 5)))
     report = json.loads((out / "report.json").read_text())
     assert [e["experiment"] for e in report["experiments"]] == ["polis/dense-a", "polis/dense-b"]
     assert [s["experiment"] for s in report["skipped"]] == ["polis/tiny"]

@@ -32,10 +32,10 @@ def test_split_problems_names_the_empty_splits(polis_dir: Path) -> None:
 
 
 def test_eval_skips_a_conversation_too_small_to_split(polis_dir: Path, tmp_path: Path) -> None:
-    from training.pipeline import evaluate_preset
+    from training.pipeline import RunOptions, evaluate_preset
 
     out = tmp_path / "eval"
-    evaluate_preset("polis", out, k=2, shots=(1, 5))
+    evaluate_preset("polis", out, RunOptions(k=2, shots=(1, 5)))
     report = json.loads((out / "report.json").read_text())
     assert [e["experiment"] for e in report["experiments"]] == ["polis/dense"]
     assert [s["experiment"] for s in report["skipped"]] == ["polis/tiny"]

@@ -12,7 +12,7 @@ import pytest
 from models.checkpoint import read_checkpoint
 from models.config import EncoderSpec
 from training.data.paths import data_dir
-from training.evaluate import run_preset
+from training.evaluate import EvalPlan, run_preset
 from training.fewshot import PRIOR_STRENGTHS
 from training.presets import simulated
 from training.train import TrainConfig
@@ -27,7 +27,7 @@ def sim_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     )
     exp.train = TrainConfig(epochs=60, lr=3e-2, user_lr=0.5, batch_size=128, weight_decay=0.0, patience=15)
     out = tmp_path_factory.mktemp("sim")
-    return run_preset([exp], out, ks=(1, 3), shots=SHOTS, prior_strength=0.3, progress=False), out
+    return run_preset([exp], out, EvalPlan(ks=(1, 3), shots=SHOTS, prior_strength=0.3, progress=False)), out
 
 
 def test_simulated_k3_beats_homogeneous_baseline(sim_report: tuple[dict, Path]) -> None:

@@ -201,13 +201,13 @@ def test_saved_splits_retrain_with_a_decoder(tmp_path: Path, monkeypatch: pytest
     from models.checkpoint import read_checkpoint
     from tests.core.test_userfile import synthetic_rows, write_jsonl
     from training.data.userfile import SplitParams, load_preference_splits
-    from training.pipeline import train_one
+    from training.pipeline import RunOptions, train_one
 
     monkeypatch.setenv("PAL_CACHE_DIR", str(tmp_path / "cache"))
     backbone = make_tiny_decoder(tmp_path / "backbone", "llama")
     splits = load_preference_splits(write_jsonl(tmp_path / "p.jsonl", synthetic_rows(6, 10)), "user", SplitParams())
     splits.save(tmp_path / "splits")
-    out = train_one("persona", tmp_path / "ckpt", k=2, encoder=str(backbone), data=tmp_path / "splits")
+    out = train_one("persona", tmp_path / "ckpt", RunOptions(k=2, encoder=str(backbone)), data=tmp_path / "splits")
     meta = read_checkpoint(out["checkpoint"]).meta
     assert meta.encoder.pooling == "last"
     assert meta.training["data"]["n_seen_train"] == len(splits.seen_train)
