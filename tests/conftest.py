@@ -43,7 +43,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# Short names the service, deploy and topology suites use.
+# Short names the service, deploy, topology and rlhf suites use.
 @pytest.fixture(scope="session")
 def bundle_b(random_bundle_b: Path) -> Path:
     return random_bundle_b

@@ -12,16 +12,6 @@ from tests.support import cpu_settings, serve_app
 
 
 @pytest.fixture(scope="session")
-def rlhf_bundle(random_bundle_b: Path) -> Path:
-    return random_bundle_b
-
-
-@pytest.fixture(scope="session")
-def rlhf_scorer(random_scorer_b):
-    return random_scorer_b
-
-
-@pytest.fixture(scope="session")
-def rm_url(rlhf_bundle: Path, rlhf_scorer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = cpu_settings(rlhf_bundle, tmp_path_factory.mktemp("rlhf-redis"), api_key=None)
-    yield from serve_app(settings, rlhf_scorer)
+def rm_url(bundle_b: Path, scorer_b, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = cpu_settings(bundle_b, tmp_path_factory.mktemp("rlhf-redis"), api_key=None)
+    yield from serve_app(settings, scorer_b)

@@ -186,12 +186,12 @@ def test_classify_over_long_input_is_scored(rm_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def key_labels_url(rlhf_bundle: Path, rlhf_scorer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def key_labels_url(bundle_b: Path, scorer_b, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = cpu_settings(
-        rlhf_bundle, tmp_path_factory.mktemp("rlhf-redis-key"), label_user="key", label_user_key="uid",
+        bundle_b, tmp_path_factory.mktemp("rlhf-redis-key"), label_user="key", label_user_key="uid",
         reward_shaping="sigmoid"
     )
-    yield from serve_app(settings, rlhf_scorer)
+    yield from serve_app(settings, scorer_b)
 
 
 def test_label_user_key_reads_the_user_from_dict_and_json_labels(key_labels_url: str) -> None:

@@ -253,11 +253,11 @@ def test_users_rank_the_same_candidates_differently_through_every_protocol(rm_ur
 # --- auth and the checkpoint's chat template ----------------------------------------------------------------------
 
 
-def test_protocol_routes_require_the_api_key(rlhf_bundle: Path, rlhf_scorer, tmp_path: Path) -> None:
+def test_protocol_routes_require_the_api_key(bundle_b: Path, scorer_b, tmp_path: Path) -> None:
     from tests.support import cpu_settings, serve_app
 
-    settings = cpu_settings(rlhf_bundle, tmp_path / "redis", api_key="s3cret")
-    server = serve_app(settings, rlhf_scorer)
+    settings = cpu_settings(bundle_b, tmp_path / "redis", api_key="s3cret")
+    server = serve_app(settings, scorer_b)
     url = next(server)
     try:
         for path, body in [
@@ -280,17 +280,17 @@ CHATML_TEMPLATE = (
 )
 
 
-def test_bundle_chat_template_is_used_by_every_protocol(rlhf_bundle: Path, tmp_path: Path) -> None:
+def test_bundle_chat_template_is_used_by_every_protocol(bundle_b: Path, tmp_path: Path) -> None:
     from models.bundle import CONFIG_FILE, read_meta, seal
     from models.scorer import Scorer
     from tests.support import cpu_settings, serve_app
 
     templated = tmp_path / "bundle"
     templated.mkdir()
-    for entry in rlhf_bundle.iterdir():
+    for entry in bundle_b.iterdir():
         if entry.name != CONFIG_FILE:
             (templated / entry.name).symlink_to(entry)
-    meta = read_meta(rlhf_bundle).model_copy(update={"chat_template": CHATML_TEMPLATE})
+    meta = read_meta(bundle_b).model_copy(update={"chat_template": CHATML_TEMPLATE})
     (templated / CONFIG_FILE).write_text(meta.model_dump_json())
     seal(templated)  # a template changes rewards: the edited bundle is another model version
     scorer = Scorer.load(templated, provider="cpu", intra_op_threads=1, cache_size=256)
