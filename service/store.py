@@ -566,16 +566,6 @@ class UserStore:
         ]  # fmt: skip
         return fits, unfitted
 
-    async def get_fits(self, version: str, users: list[str]) -> dict[str, StoredFit]:
-        """Fits of many users in one round trip; users without one are absent."""
-        if not users:
-            return {}
-        async with self.r.pipeline(transaction=False) as p:
-            for u in users:
-                p.hget(self._key(u, "w"), version)
-            raws = await p.execute()
-        return {u: StoredFit.from_json(raw) for u, raw in zip(users, raws, strict=True) if raw is not None}
-
     async def put_fit_if_newer(self, version: str, user: str, fit: StoredFit) -> bool:
         """Store the fit unless the user was deleted since its comparisons were read (their generation is gone)
         or a fit of the same generation covering as many appends is stored already."""

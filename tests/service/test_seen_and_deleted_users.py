@@ -50,12 +50,12 @@ async def test_interrupted_seeding_resumes_and_keeps_deletions(settings, scorer_
         with pytest.raises(RedisConnectionError):
             await store.seed_checkpoint_users(VERSION, weights, chunk=10)
         store.r.hset = real_hset
-        assert len(await store.get_fits(VERSION, list(weights))) == 20
+        assert len((await store.get_fits_checked(VERSION, list(weights)))[0]) == 20
 
         # A user of a finished chunk deleted before seeding resumes stays deleted.
         assert await store.delete_user("seen-003")
         assert await store.seed_checkpoint_users(VERSION, weights, chunk=10) == 5
-        fits = await store.get_fits(VERSION, list(weights))
+        fits, _ = await store.get_fits_checked(VERSION, list(weights))
         assert sorted(fits) == sorted(u for u in weights if u != "seen-003")
         for user, fit in fits.items():
             assert fit.weights == pytest.approx(weights[user].tolist()) and fit.source == "checkpoint"
@@ -81,7 +81,7 @@ async def test_not_ready_until_seen_users_are_in_redis(settings, scorer_b, monke
         items = [{"prompt": "p", "response": "r", "user_id": u} for u in seen]
         results = (await c.post("/score", json={"items": items})).json()["results"]
         assert all(r["personalized"] for r in results)
-        fits = await c.app.state.store.get_fits(scorer_b.meta.version, list(seen))
+        fits, _ = await c.app.state.store.get_fits_checked(scorer_b.meta.version, list(seen))
         assert sorted(fits) == sorted(seen)
 
 
