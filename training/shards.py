@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.chat import ChatRenderer
+from training.data.fetch import sha256_file
 from training.data.schema import SPLITS
 from training.data.userfile import (
     SPLIT_PARTS,
@@ -38,7 +39,6 @@ from training.data.userfile import (
     SplitParams,
     check_plan,
     file_format,
-    file_sha256,
     split_plan,
     validated_rows,
 )
@@ -106,7 +106,7 @@ def cache_key(
         "format": FORMAT,
         "encoder": encoder,
         "source": str(path),
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "user_column": user_column,
         "split": asdict(params),
         "shard_rows": shard_rows,

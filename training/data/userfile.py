@@ -14,7 +14,6 @@ limit), before anything is embedded or trained.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.chat import ChatFormatError, ChatRenderer
+from training.data.fetch import sha256_file
 from training.data.schema import Comparison, PreferenceSplits, by_user
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -197,15 +197,6 @@ def read_preference_file(
     return out
 
 
-def file_sha256(path: Path) -> str:
-    """The file's sha256, read in 1 MB chunks (a multi-GB file never sits in memory)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 SPLIT_PARTS = ("train", "val", "test", "pool", "utest")  # seen_train, seen_val, seen_test, unseen_pool, unseen_test
 
 
@@ -302,7 +293,7 @@ def load_preference_splits(
     comparisons = read_preference_file(path, user_column, renderer)
     info = {
         "source": str(path),
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "format": file_format(path),
         "user_column": user_column,
         "rows": len(comparisons),
