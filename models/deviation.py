@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.head import sigmoid
+
 _MIN_VAR = 1e-6  # a basis direction no seen user moved along: its prior pins new users to the mean (finite)
 
 
@@ -23,10 +25,6 @@ def empirical_bayes_precision(weights: np.ndarray, mean: np.ndarray) -> np.ndarr
     w = np.asarray(weights, dtype=np.float64)
     var = ((w - np.asarray(mean, dtype=np.float64)) ** 2).mean(0) if len(w) else np.zeros(w.shape[1])
     return 1.0 / (var + _MIN_VAR)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def fit_deviation(
@@ -58,7 +56,7 @@ def fit_deviation(
     f = objective(w)
     for _ in range(max_iter):
         m = g + b @ w
-        p = _sigmoid(-m)  # d softplus(-m) / dm = -p
+        p = sigmoid(-m)  # d softplus(-m) / dm = -p
         grad = -(b.T @ p) + prec * (w - mean)
         hess = (b.T * (p * (1 - p))) @ b + np.diag(prec)
         step = np.linalg.solve(hess, grad)

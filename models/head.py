@@ -172,7 +172,7 @@ def _objective(
             # d cos / d mix = (z/|z| - cos * mix/|mix|) / |mix|
             parts.append((tau * cos[:, 0], tau * (z / z_norm - cos * mix / mix_norm) / mix_norm))
         m = parts[0][0] - parts[1][0]
-        dl_dm = -_sigmoid(-m)  # d softplus(-m) / dm
+        dl_dm = -sigmoid(-m)  # d softplus(-m) / dm
         grads_m = dl_dm[:, None] * (parts[0][1] - parts[1][1])
         grad_w = np.einsum("nd,nkd->k", grads_m, protos)
     else:
@@ -182,7 +182,7 @@ def _objective(
         # r_c - r_r = |z_r|^2 - |z_c|^2 + 2 u.(z_c - z_r): linear in u.
         diff = feats.chosen - feats.rejected
         m = (feats.rejected**2).sum(-1) - (feats.chosen**2).sum(-1) + 2 * diff @ u
-        dl_dm = -_sigmoid(-m)
+        dl_dm = -sigmoid(-m)
         grad_u = 2 * (dl_dm[:, None] * diff).sum(0)
         grad_v = head._mlp_vjp(pre, grad_u[None])[0]
         grad_w = head.arrays["prototypes"] @ grad_v
@@ -195,7 +195,8 @@ def _objective(
     return loss, grad_theta
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Overflow-free logistic function (tanh form)."""
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 

@@ -56,10 +56,15 @@ class EncodedComparisons:
 
     def user_rows(self) -> dict[str, np.ndarray]:
         """user -> indices of that user's comparisons, in order."""
-        out: dict[str, list[int]] = {}
-        for i, u in enumerate(self.users):
-            out.setdefault(u, []).append(i)
-        return {u: np.asarray(v, dtype=np.int64) for u, v in out.items()}
+        return rows_by_user(self.users)
+
+
+def rows_by_user(users: Sequence[str]) -> dict[str, np.ndarray]:
+    """user -> the indices of `users` that name them, in order."""
+    out: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        out.setdefault(u, []).append(i)
+    return {u: np.asarray(v, dtype=np.int64) for u, v in out.items()}
 
 
 def _index(texts: list[str]) -> tuple[list[str], np.ndarray]:

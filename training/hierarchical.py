@@ -30,7 +30,7 @@ import torch
 
 from models.deviation import empirical_bayes_precision, fit_deviation
 from models.head import HeadParams, margins
-from training.encoded import EncodedComparisons
+from training.encoded import EncodedComparisons, rows_by_user
 from training.fewshot import SHOTS, FeatureTable
 from training.threads import limit_threads
 from training.train import accuracy_of_margins
@@ -71,10 +71,7 @@ class Pairs:
         return Pairs(self.global_margin[rows], self.diff[rows], [self.users[i] for i in rows])
 
     def user_rows(self) -> dict[str, np.ndarray]:
-        out: dict[str, list[int]] = {}
-        for i, u in enumerate(self.users):
-            out.setdefault(u, []).append(i)
-        return {u: np.asarray(v, dtype=np.int64) for u, v in out.items()}
+        return rows_by_user(self.users)
 
 
 @dataclass(frozen=True)
