@@ -12,7 +12,7 @@ import numpy as np
 
 from models.config import EncoderSpec
 from models.providers import REGISTRY, ExecutionProvider
-from models.scorer import _clean, encode_token_ids, load_tokenizer_dir
+from models.scorer import _clean, encode_token_ids, load_tokenizer_dir, run_graph
 
 ENCODER_GRAPH = "encoder.onnx"  # what models.export.export_encoder writes (named here: this module has no torch)
 ENCODER_SPEC_FILE = "encoder.json"
@@ -55,8 +55,5 @@ class OnnxEncoder:
         return outputs[0]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self._inputs:
-            feed["token_type_ids"] = np.zeros_like(ids)
-        return [o.astype(np.float32, copy=False) for o in self._session.run(None, feed)]
+        return run_graph(self._session, self._inputs, ids, mask)
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -329,10 +329,7 @@ class Scorer:
         return outputs
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self._inputs:
-            feed["token_type_ids"] = np.zeros_like(ids)
-        return [o.astype(np.float32, copy=False) for o in self._session.run(self.meta.output_names, feed)]
+        return run_graph(self._session, self._inputs, ids, mask, self.meta.output_names)
 
     def _probe(self) -> None:
         """One tiny batch through the graph: wrong output shapes or a broken graph fail at load, not per request."""
@@ -357,6 +354,17 @@ class Scorer:
                 f"bundle graph cannot encode max_length={max_len} tokens (config.json encoder.max_length; the "
                 f"encoder's position embeddings are probably shorter): {str(e).splitlines()[0][:300]}"
             ) from e
+
+
+def run_graph(
+    session: Any, input_names: list[str], ids: np.ndarray, mask: np.ndarray, outputs: list[str] | None = None
+) -> list[np.ndarray]:
+    """One call of an encoder graph (a bundle's, or the training embedder's) as float32 arrays; BERT-style graphs
+    also take token_type_ids, all zeros (one segment)."""
+    feed = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in input_names:
+        feed["token_type_ids"] = np.zeros_like(ids)
+    return [o.astype(np.float32, copy=False) for o in session.run(outputs, feed)]
 
 
 def encode_token_ids(
