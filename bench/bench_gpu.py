@@ -49,15 +49,9 @@ PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
     "T4": (65.0, 8.1, 8.1),
 }
 QWEN2_05B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    max_position_embeddings=32768,
-    tie_word_embeddings=True,
-)
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+    vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+)  # fmt: skip
 
 
 class NoCuda(RuntimeError):

@@ -22,15 +22,9 @@ from training.seeds import write_report
 # A few hundred comparisons over ~240 statements: embeds in seconds (then cached) and trains in well under
 # a minute on 2 cores, yet the three groups are clearly separated.
 SMALL_PERSONA = PersonaParams(
-    seen_users_per_group=4,
-    unseen_users_per_group=2,
-    train_pairs=40,
-    val_pairs=10,
-    test_pairs=20,
-    pool_pairs=20,
-    unseen_test_pairs=20,
-    max_statements_per_persona=40,
-)
+    seen_users_per_group=4, unseen_users_per_group=2, max_statements_per_persona=40,
+    train_pairs=40, val_pairs=10, test_pairs=20, pool_pairs=20, unseen_test_pairs=20,
+)  # fmt: skip
 
 
 def small_persona_splits(seed: int = 0) -> PreferenceSplits:
