@@ -2,7 +2,7 @@
 and Python >= 3.10 (the trainer side: `pip install pal-rm[client]`).
 
 Both faces share one transport: every call is written once, as a generator of the HTTP requests it needs
-(`_Calls`), and one retry loop (`_retrying`) decides what to do after each attempt; the faces only send,
+(`_Calls`), and one retry loop (`_attempts`) decides what to do after each attempt; the faces only send,
 sleep and (async) run a call's chunks concurrently. So the two have the same methods with the same behaviour.
 
 - batching: many items are sent as requests of at most `batch_size` items (async: several in flight);
@@ -256,22 +256,46 @@ class _Sleep:
 # A logical call: yields the requests it needs next (sent in any order, answered in order) or a pause, and
 # receives their JSON answers; a PalError from sending is thrown into it. Its return value is the call's result.
 Call = Generator[Union[list[_Req], _Sleep], Union[list[Json], None], T]  # noqa: UP007
+# One request's attempts: yields the request (answered with (response, exception) of one HTTP attempt) or a pause.
+Attempts = Generator[Union[_Req, _Sleep], Any, Json]  # noqa: UP007
 
 
-def _retrying(policy: RetryPolicy, rng: random.Random, idempotent: bool) -> Generator[float | None, Any, Json]:
-    """The one retry loop of both faces. Send it (response, exception) after each attempt; it yields the seconds
-    to wait before the next attempt (then None once resumed), returns the JSON, or raises the PalError."""
+def _attempts(req: _Req, policy: RetryPolicy, rng: random.Random) -> Attempts:
+    """The one retry loop of both faces: try, judge the outcome, wait and try again; returns the JSON or raises
+    the PalError."""
     attempt = 0
     while True:
-        response, exc = yield None
-        outcome = _judge(response, exc, attempt, idempotent, policy, rng)
+        response, exc = yield req
+        outcome = _judge(response, exc, attempt, req.idempotent, policy, rng)
         if outcome.error is not None:
             raise outcome.error
         if outcome.result is not None:
             return outcome.result
         assert outcome.delay is not None
-        yield outcome.delay
+        yield _Sleep(outcome.delay)
         attempt += 1
+
+
+class _Steps(Generic[T]):
+    """Runs a call (or a request's attempts) from a for loop, so that each face's driver is only its I/O: iterate
+    the steps the generator yields and set `reply` before the next one (a PalError is thrown into it);
+    `result` holds what it returned."""
+
+    def __init__(self, gen: Generator[Any, Any, T]) -> None:
+        self._gen = gen
+        self.reply: Any = None
+        self.result: T | None = None
+
+    def __iter__(self) -> _Steps[T]:
+        return self
+
+    def __next__(self) -> Any:
+        reply, self.reply = self.reply, None
+        try:
+            return self._gen.throw(reply) if isinstance(reply, PalError) else self._gen.send(reply)
+        except StopIteration as done:
+            self.result = done.value
+            raise StopIteration from None
 
 
 def _adapt_call(
@@ -480,38 +504,26 @@ class PalClient(_Calls[Any]):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, req: _Req) -> Json:
-        loop = _retrying(self.config.retry, self._rng, req.idempotent)
-        next(loop)
-        while True:
-            response, exc = None, None
-            try:
-                response = self._http.request(req.method, req.path, json=req.body, headers=req.headers)
-            except httpx.HTTPError as e:
-                exc = e
-            try:
-                delay = loop.send((response, exc))
-            except StopIteration as done:
-                return done.value
-            self._sleep(delay)
-            next(loop)
-
     def _drive(self, call: Call[T]) -> T:
-        answer: list[Json] | None = None
-        error: PalError | None = None
-        while True:
-            try:
-                step = call.throw(error) if error is not None else call.send(answer)
-            except StopIteration as done:
-                return done.value
-            answer, error = None, None
-            if isinstance(step, _Sleep):
-                self._sleep(step.seconds)
-                continue
-            try:
-                answer = [self._send(req) for req in step]
-            except PalError as e:
-                error = e
+        return self._run(call, self._answers)
+
+    def _run(self, gen: Generator[Any, Any, T], act: Callable[[Any], Any]) -> T:
+        steps = _Steps(gen)
+        for step in steps:
+            steps.reply = self._sleep(step.seconds) if isinstance(step, _Sleep) else act(step)
+        return steps.result  # type: ignore[return-value]
+
+    def _answers(self, reqs: list[_Req]) -> list[Json] | PalError:
+        try:
+            return [self._run(_attempts(req, self.config.retry, self._rng), self._attempt) for req in reqs]
+        except PalError as e:
+            return e
+
+    def _attempt(self, req: _Req) -> tuple[httpx.Response | None, Exception | None]:
+        try:
+            return self._http.request(req.method, req.path, json=req.body, headers=req.headers), None
+        except httpx.HTTPError as e:
+            return None, e
 
 
 class AsyncPalClient(_Calls[Any]):
@@ -539,41 +551,29 @@ class AsyncPalClient(_Calls[Any]):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, req: _Req) -> Json:
-        loop = _retrying(self.config.retry, self._rng, req.idempotent)
-        next(loop)
-        while True:
-            response, exc = None, None
-            try:
-                response = await self._http.request(req.method, req.path, json=req.body, headers=req.headers)
-            except httpx.HTTPError as e:
-                exc = e
-            try:
-                delay = loop.send((response, exc))
-            except StopIteration as done:
-                return done.value
-            await self._sleep(delay)
-            next(loop)
-
     async def _drive(self, call: Call[T]) -> T:
-        answer: list[Json] | None = None
-        error: PalError | None = None
+        return await self._run(call, self._answers)
+
+    async def _run(self, gen: Generator[Any, Any, T], act: Callable[[Any], Awaitable[Any]]) -> T:
+        steps = _Steps(gen)
+        for step in steps:
+            steps.reply = await self._sleep(step.seconds) if isinstance(step, _Sleep) else await act(step)
+        return steps.result  # type: ignore[return-value]
+
+    async def _answers(self, reqs: list[_Req]) -> list[Json] | PalError:
         gate = asyncio.Semaphore(self._max_concurrency)
 
-        async def one(req: _Req) -> Json:
-            async with gate:
-                return await self._send(req)
+        async def send(req: _Req) -> Json:
+            async with gate:  # a request holds its slot through its retries' waits, as one in flight
+                return await self._run(_attempts(req, self.config.retry, self._rng), self._attempt)
 
-        while True:
-            try:
-                step = call.throw(error) if error is not None else call.send(answer)
-            except StopIteration as done:
-                return done.value
-            answer, error = None, None
-            if isinstance(step, _Sleep):
-                await self._sleep(step.seconds)
-                continue
-            try:
-                answer = list(await asyncio.gather(*(one(req) for req in step)))
-            except PalError as e:
-                error = e
+        try:
+            return list(await asyncio.gather(*(send(req) for req in reqs)))
+        except PalError as e:
+            return e
+
+    async def _attempt(self, req: _Req) -> tuple[httpx.Response | None, Exception | None]:
+        try:
+            return await self._http.request(req.method, req.path, json=req.body, headers=req.headers), None
+        except httpx.HTTPError as e:
+            return None, e
