@@ -13,9 +13,7 @@ if TYPE_CHECKING:
 
 
 class CpuProvider(ExecutionProvider):
-    name = "cpu"
-    label = "CPU"
-    ort_name = "CPUExecutionProvider"
+    name, label, ort_name = "cpu", "CPU", "CPUExecutionProvider"
     description = "cpu: onnxruntime's CPU provider (always available)"
     precisions = ("fp32", "fp16")
     # fp16 is not a candidate for the measured choice: it ran 0.93x fp32 here (docs/SCORER.md); it is there to check

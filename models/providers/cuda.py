@@ -12,9 +12,7 @@ if TYPE_CHECKING:
 
 
 class CudaProvider(ExecutionProvider):
-    name = "cuda"
-    label = "CUDA"
-    ort_name = "CUDAExecutionProvider"
+    name, label, ort_name = "cuda", "CUDA", "CUDAExecutionProvider"
     description = "cuda: CUDAExecutionProvider (onnxruntime-gpu) or fail at start"
     precisions = ("fp32", "fp16")
     # Tensor cores run fp16; fp32 does not use them.

@@ -54,9 +54,7 @@ class OpenVINOEngine(ExecutionProvider):
 
 
 class OpenVINOProvider(OpenVINOEngine):
-    name = "openvino"
-    label = "OpenVINO"
-    ort_name = "OpenVINOExecutionProvider"
+    name, label, ort_name = "openvino", "OpenVINO", "OpenVINOExecutionProvider"
     description = "openvino: the OpenVINO plugin on a CPU it lists as a device, or fail at start"
 
     def unavailable(self, precision: str) -> str | None:

@@ -59,9 +59,7 @@ class RuntimeSession:
 
 
 class OpenVINORuntimeProvider(OpenVINOEngine):
-    name = "openvino-runtime"
-    label = "OpenVINO runtime"
-    ort_name = RuntimeSession.PROVIDER
+    name, label, ort_name = "openvino-runtime", "OpenVINO runtime", RuntimeSession.PROVIDER
     description = "openvino-runtime: OpenVINO's own runtime on the CPU (runs where the plugin lists no device)"
 
     def unavailable(self, precision: str) -> str | None:
