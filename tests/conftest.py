@@ -19,23 +19,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def random_bundle_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random PAL-B head (K=3); its checkpoint sits beside it as checkpoint-B."""
     return make_random_bundle(tmp_path_factory.mktemp("random-b"), form="B", k=3, max_length=RANDOM_BUNDLE_MAX_LENGTH)
 
 
 @pytest.fixture(scope="session")
-def random_bundle_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random PAL-A head (K=3), another model version than PAL-B; its checkpoint sits beside it as checkpoint-A."""
     return make_random_bundle(tmp_path_factory.mktemp("random-a"), form="A", k=3, max_length=RANDOM_BUNDLE_MAX_LENGTH)
 
 
 @pytest.fixture(scope="session")
-def random_scorer_b(random_bundle_b: Path):
-    """random_bundle_b loaded as the service suites run it (CPU, 1 thread, small cache); thread-safe, so shared."""
+def scorer_b(bundle_b: Path):
+    """bundle_b loaded as the service suites run it (CPU, 1 thread, small cache); thread-safe, so shared."""
     from models.scorer import Scorer
 
-    return Scorer.load(random_bundle_b, provider="cpu", intra_op_threads=1, cache_size=4096)
+    return Scorer.load(bundle_b, provider="cpu", intra_op_threads=1, cache_size=4096)
 
 
 @pytest.fixture
@@ -43,20 +43,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# Short names the service, deploy, topology and rlhf suites use.
 @pytest.fixture(scope="session")
-def bundle_b(random_bundle_b: Path) -> Path:
-    return random_bundle_b
-
-
-@pytest.fixture(scope="session")
-def scorer_b(random_scorer_b):
-    return random_scorer_b
-
-
-@pytest.fixture(scope="session")
-def scorer_a(random_bundle_a: Path):
+def scorer_a(bundle_a: Path):
     """A second model (PAL-A, so another version) for model-change and migration tests."""
     from models.scorer import Scorer
 
-    return Scorer.load(random_bundle_a, provider="cpu", intra_op_threads=1, cache_size=4096)
+    return Scorer.load(bundle_a, provider="cpu", intra_op_threads=1, cache_size=4096)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from models.chat import ChatRenderer
+from tests.support import disagreeing_rows
 from training.data.paths import REPO_ROOT
 from training.data.userfile import (
     PreferenceFileError,
@@ -28,19 +29,14 @@ DISLIKES = ["dogs", "coffee", "beaches", "summer", "techno", "films"]
 
 
 def synthetic_rows(n_users: int = 12, pairs: int = 16, seed: int = 0) -> list[dict]:
-    """Two groups that disagree: group 0 prefers the LIKES side of every topic, group 1 the other side."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        group = u % 2
-        for _ in range(pairs):
-            i, j = rng.integers(len(LIKES)), rng.integers(3)
-            a = f"I really enjoy {LIKES[i]}{'!' * j}"
-            b = f"I really enjoy {DISLIKES[i]}{'!' * j}"
-            chosen, rejected = (a, b) if group == 0 else (b, a)
-            rows.append({"user": f"u{u:02d}-g{group}", "prompt": "What do you enjoy?", "chosen": chosen,
-                         "rejected": rejected})  # fmt: skip
-    return rows
+    """Two groups that disagree: group 0 prefers the LIKES side of every topic, group 1 the other side; the user
+    column is "user" and each name carries its group."""
+
+    def draw(rng: np.random.Generator) -> tuple[str, str, str]:
+        i, j = rng.integers(len(LIKES)), rng.integers(3)
+        return "What do you enjoy?", f"I really enjoy {LIKES[i]}{'!' * j}", f"I really enjoy {DISLIKES[i]}{'!' * j}"
+
+    return disagreeing_rows(n_users, pairs, seed, draw, "user", lambda u: f"u{u:02d}-g{u % 2}")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

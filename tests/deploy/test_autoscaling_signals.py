@@ -19,9 +19,9 @@ def _sample(text: str, name: str) -> float:
     return float(m.group(1))
 
 
-async def test_livez_and_autoscaling_metrics(tmp_path, random_bundle_b, random_scorer_b) -> None:
-    settings = cpu_settings(random_bundle_b, tmp_path / "redis")
-    async with running_app(settings, random_scorer_b) as c:
+async def test_livez_and_autoscaling_metrics(tmp_path, bundle_b, scorer_b) -> None:
+    settings = cpu_settings(bundle_b, tmp_path / "redis")
+    async with running_app(settings, scorer_b) as c:
         assert (await c.get("/livez")).json() == {"status": "alive"}
         items = [{"prompt": "Which pet?", "response": f"A cat number {i}.", "user_id": "u"} for i in range(5)]
         assert (await c.post("/score", json={"items": items})).status_code == 200

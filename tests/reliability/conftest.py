@@ -18,13 +18,13 @@ LIMITS = dict(max_text_chars=4000, max_items_per_request=64, max_comparisons_per
 
 
 @pytest.fixture(scope="session")
-def bundle(random_bundle_b: Path) -> Path:
-    return random_bundle_b
+def bundle(bundle_b: Path) -> Path:
+    return bundle_b
 
 
 @pytest.fixture(scope="session")
-def scorer(random_scorer_b):
-    return random_scorer_b
+def scorer(scorer_b):
+    return scorer_b
 
 
 @pytest.fixture

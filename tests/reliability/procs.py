@@ -14,11 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import redis
 
 from tests.support import free_port
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations only, so the tests still import on 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +59,28 @@ def _stop(proc: subprocess.Popen | None, sig: int, timeout_s: float) -> None:
         proc.wait(timeout=10)
 
 
-class RedisServer:
+class _ChildProcess:
+    """A process that start() launches; leaving its `with` block stops it with SIGTERM (SIGKILL after
+    `stop_timeout_s`), kill() sends SIGKILL (or `sig`) for fault tests."""
+
+    stop_timeout_s: float = 20
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        _stop(self.proc, sig, timeout_s=self.stop_timeout_s)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class RedisServer(_ChildProcess):
     """A redis-server on 127.0.0.1:<port> with its data in `data_dir`; stop/start keep port and data."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
@@ -89,19 +114,11 @@ class RedisServer:
         except redis.RedisError:
             return False
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        _stop(self.proc, sig, timeout_s=20)
-        self.proc = None
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill(signal.SIGTERM)
-
-
-class ServiceProcess:
+class ServiceProcess(_ChildProcess):
     """The service in its own process: `pal serve` on a loopback port."""
+
+    stop_timeout_s = 30
 
     def __init__(self, bundle: Path, redis_url: str, log_path: Path, **env: str) -> None:
         self.bundle = bundle
@@ -156,13 +173,3 @@ class ServiceProcess:
 
         assert self.proc is not None
         return int(psutil.Process(self.proc.pid).memory_info().rss)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        _stop(self.proc, sig, timeout_s=30)
-        self.proc = None
-
-    def __enter__(self) -> ServiceProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill(signal.SIGTERM)

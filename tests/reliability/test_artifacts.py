@@ -152,18 +152,25 @@ def test_truncated_and_garbage_onnx_graphs_are_clear_errors(bundle: Path, tmp_pa
             _load_bundle(copy)
 
 
+def _serve_fails(bundle: Path) -> str:
+    """Run the real entry point, `pal serve BUNDLE`, on the CPU provider; assert it exits with an error before
+    serving (port 1 is never reached) and return its stderr."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PAL_PROVIDER": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", str(bundle), "--port", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
 def test_pal_serve_refuses_a_poisoned_bundle_and_exits(bundle: Path, tmp_path: Path) -> None:
     """The real entry point: a pickle as head weights stops `pal serve` with an error naming the file and why."""
     marker = tmp_path / "PWNED"
     copy = copy_bundle(bundle, tmp_path / "poisoned")
     _plant(copy / B.HEAD_FILE, _pickles(marker)["pickle-5"])
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PAL_PROVIDER": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", str(copy), "--port", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert f"poisoned/{B.HEAD_FILE}" in proc.stderr and "not a readable safetensors" in proc.stderr, proc.stderr[-2000:]
+    stderr = _serve_fails(copy)
+    assert f"poisoned/{B.HEAD_FILE}" in stderr and "not a readable safetensors" in stderr, stderr[-2000:]
     assert not marker.exists()
 
 
@@ -246,10 +253,5 @@ def test_a_max_length_past_the_graph_fails_at_load(long_max_length_bundle: Path)
 
 def test_pal_serve_exits_on_a_max_length_past_the_graph(long_max_length_bundle: Path) -> None:
     """Before: the bundle loaded, warmup failed with a raw onnxruntime error and the server answered 503 forever."""
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PAL_PROVIDER": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", str(long_max_length_bundle), "--port", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "max_length=8192" in proc.stderr, proc.stderr[-2000:]
+    stderr = _serve_fails(long_max_length_bundle)
+    assert "max_length=8192" in stderr, stderr[-2000:]

@@ -95,20 +95,27 @@ def test_invalid_unicode_is_a_clear_4xx_and_odd_valid_unicode_scores(live: Live,
     keys = _keys(live)
     # JSON escapes of lone surrogates are not text (no UTF-8 encodes them): refused with 422 naming the field, and
     # nothing stored (issue 16: one outcome, not "200 or any 4xx").
-    lone = [
-        ("/score", b'{"items": [{"prompt": "\\ud800", "response": "r"}]}'),
-        ("/score", b'{"items": [{"prompt": "p", "response": "x \\udfff y"}]}'),
-        ("/users/lone/adapt", b'{"comparisons": [{"prompt": "\\udbff", "chosen": "c", "rejected": "r"}]}'),
-        ("/users/lone/adapt", b'{"comparisons": [{"prompt": "p", "chosen": "\\udc00", "rejected": "r"}]}'),
-        ("/get_reward", b'{"query": ["\\ud800 hi"]}'),
-        ("/classify", b'{"input": "\\udc00"}'),
-        ("/score/chat", b'{"items": [{"response": "\\ud800"}]}'),
-        # A surrogate encoded as UTF-8 bytes decodes (surrogatepass) to the same lone surrogate.
-        ("/score", b'{"items": [{"prompt": "p", "response": "\xed\xa0\x80"}]}'),
-        ("/score/chat", b'{"items": [{"prompt": "p", "response": "\xed\xa0\x80"}]}'),
-    ]
-    for path, body in lone:
-        _clear_4xx(c.post(path, content=body, headers=JSON), 422, "surrogate")
+    lone = {
+        "/score": [
+            b'{"items": [{"prompt": "\\ud800", "response": "r"}]}',
+            b'{"items": [{"prompt": "p", "response": "x \\udfff y"}]}',
+            # A surrogate encoded as UTF-8 bytes decodes (surrogatepass) to the same lone surrogate.
+            b'{"items": [{"prompt": "p", "response": "\xed\xa0\x80"}]}',
+        ],
+        "/users/lone/adapt": [
+            b'{"comparisons": [{"prompt": "\\udbff", "chosen": "c", "rejected": "r"}]}',
+            b'{"comparisons": [{"prompt": "p", "chosen": "\\udc00", "rejected": "r"}]}',
+        ],
+        "/get_reward": [b'{"query": ["\\ud800 hi"]}'],
+        "/classify": [b'{"input": "\\udc00"}'],
+        "/score/chat": [
+            b'{"items": [{"response": "\\ud800"}]}',
+            b'{"items": [{"prompt": "p", "response": "\xed\xa0\x80"}]}',
+        ],
+    }
+    for path, bodies in lone.items():
+        for body in bodies:
+            _clear_4xx(c.post(path, content=body, headers=JSON), 422, "surrogate")
     _clear_4xx(c.get("/users/lone"), 404)
     invalid_bytes = [
         b'{"items": [{"prompt": "p\xff\xfe", "response": "r"}]}',

@@ -16,6 +16,15 @@ PROMPTS = ["Name a color.", "Tell me about the sea."]
 USERS = ["user-0", "user-1", "user-2", "team a/no weights"]
 
 
+def tiny_run(output_dir: Path) -> dict[str, object]:
+    """The settings GRPO and RLOO share for a two-step CPU run: groups of 4 completions of 6 tokens, a log line a
+    step, nothing saved or reported, seeded."""
+    return dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+        max_steps=2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
 def test_grpo_trainer_two_steps_with_personalized_rewards(rm_url: str, tmp_path: Path, conversational: bool) -> None:
@@ -43,20 +52,7 @@ def test_grpo_trainer_two_steps_with_personalized_rewards(rm_url: str, tmp_path:
         return [0.0] * n
 
     config = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        dataloader_num_workers=0,
-        seed=0,
-        reward_weights=[1.0, 1.0, 0.0],
+        **tiny_run(tmp_path), learning_rate=1e-3, dataloader_num_workers=0, reward_weights=[1.0, 1.0, 0.0]
     )
     trainer = GRPOTrainer(
         model=model,
@@ -94,19 +90,7 @@ def test_rloo_trainer_two_steps_with_the_async_reward(rm_url: str, tmp_path: Pat
     tokenizer = tiny_tokenizer()
     rows = [(p, u) for p in PROMPTS for u in USERS]
     dataset = Dataset.from_dict({"prompt": [p for p, _ in rows], "user_id": [u for _, u in rows]})
-    config = RLOOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-    )
+    config = RLOOConfig(**tiny_run(tmp_path))
     reward_fn = make_async_trl_reward_func(rm_url, user_field="user_id")
     policy = tmp_path / "policy"  # RLOO builds its reference model from the policy's path
     tiny_qwen2(len(tokenizer)).save_pretrained(policy)

@@ -10,11 +10,11 @@ from tests.scorer.factory import make_random_bundle
 
 
 @pytest.fixture(scope="session")
-def bundles(random_bundle_a: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bundles(bundle_a: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One real export per PAL form (PAL-B with the fp16 graph too, so its own); checkpoints sit beside as
     checkpoint-<form>."""
     root = tmp_path_factory.mktemp("scorer-bundles")
-    return {"A": random_bundle_a, "B": make_random_bundle(root, form="B", max_length=MAX_LENGTH, fp16=True)}
+    return {"A": bundle_a, "B": make_random_bundle(root, form="B", max_length=MAX_LENGTH, fp16=True)}
 
 
 @pytest.fixture(scope="session")

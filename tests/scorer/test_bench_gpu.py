@@ -25,9 +25,9 @@ def test_refuses_without_cuda() -> None:
     assert "items/s" not in run.stdout  # nothing measured, nothing printed that looks like a result
 
 
-def test_measure_counts_items_tokens_and_flops(random_bundle_b: Path) -> None:
+def test_measure_counts_items_tokens_and_flops(bundle_b: Path) -> None:
     prompts, responses = bench_gpu.make_workload(2, 3, seed=0)
-    r = bench_gpu.measure(random_bundle_b, "fp32", prompts, responses, rounds=1, provider="cpu", peak=1.0)
+    r = bench_gpu.measure(bundle_b, "fp32", prompts, responses, rounds=1, provider="cpu", peak=1.0)
     assert (r.items, r.texts, r.provider) == (6, 2 + 6, "CPUExecutionProvider")
     assert r.tokens > r.texts and r.items_per_s > 0 and r.tokens_per_s > r.items_per_s
     # MiniLM: 6 layers x (4 d^2 + 2 d 4d), d=384 -> 10.6M non-embedding parameters, 2 FLOPs each per token,

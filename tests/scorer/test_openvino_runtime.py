@@ -13,9 +13,9 @@ from models import bundle as B
 from models.bundle import BundleError
 from models.providers import openvino as ep
 from models.providers import openvino_runtime as rt
-from models.scorer import ProviderError, Scorer
+from models.scorer import Scorer
 from tests.scorer.factory import copy_bundle
-from tests.scorer.test_openvino import check_bf16_close, check_threads_agree
+from tests.scorer.test_openvino import check_bf16_or_refused, check_threads_agree
 from tests.scorer.test_parity import PROMPTS, RESPONSES, _torch_rewards, _user_weights
 
 if not rt.runs_here():
@@ -41,13 +41,7 @@ def test_fp32_rewards_match_torch_model(form: str, bundles: dict[str, Path], run
 
 
 def test_bf16_stays_close_to_fp32_or_is_refused(bundles: dict[str, Path], runtime: dict[str, Scorer]) -> None:
-    if not rt.runs_here("bf16"):
-        with pytest.raises(ProviderError, match="bf16"):
-            Scorer.load(bundles["B"], provider="openvino-runtime", precision="bf16")
-        return
-    bf16 = Scorer.load(bundles["B"], provider="openvino-runtime", precision="bf16", intra_op_threads=1)
-    assert bf16.precision == "bf16"
-    check_bf16_close(runtime["B"], bf16)
+    check_bf16_or_refused(bundles["B"], "openvino-runtime", rt.runs_here("bf16"), runtime["B"])
 
 
 def test_threads_share_the_compiled_model_safely(runtime: dict[str, Scorer]) -> None:

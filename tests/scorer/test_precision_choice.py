@@ -35,13 +35,13 @@ class Loads:
 
 
 @pytest.fixture(scope="module")
-def near(random_bundle_b: Path, random_scorer_b: Scorer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_sample(random_bundle_b, tmp_path_factory.mktemp("near") / "b", near_ties(random_scorer_b))
+def near(bundle_b: Path, scorer_b: Scorer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return with_sample(bundle_b, tmp_path_factory.mktemp("near") / "b", near_ties(scorer_b))
 
 
 @pytest.fixture(scope="module")
-def clear(random_bundle_b: Path, random_scorer_b: Scorer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_sample(random_bundle_b, tmp_path_factory.mktemp("clear") / "b", clear_pairs(random_scorer_b))
+def clear(bundle_b: Path, scorer_b: Scorer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return with_sample(bundle_b, tmp_path_factory.mktemp("clear") / "b", clear_pairs(scorer_b))
 
 
 @needs_bf16
@@ -81,10 +81,10 @@ def test_named_precision_overrides_the_measurement(near: Path, tmp_path: Path) -
     assert "PAL_PRECISION=bf16" in choice.reason
 
 
-def test_bundle_without_a_sample_serves_fp32_and_says_so(random_bundle_b: Path, tmp_path: Path) -> None:
+def test_bundle_without_a_sample_serves_fp32_and_says_so(bundle_b: Path, tmp_path: Path) -> None:
     if not rt.runs_here("bf16"):
         pytest.skip("OpenVINO's runtime runs no bf16 here")
-    scorer, choice = choose(random_bundle_b, RUNTIME, Loads(random_bundle_b), cache_dir=tmp_path)
+    scorer, choice = choose(bundle_b, RUNTIME, Loads(bundle_b), cache_dir=tmp_path)
     assert (scorer.precision, choice.source) == ("fp32", "no-sample")
     assert "no validation sample" in choice.reason and "bf16" in choice.reason
     assert not list(tmp_path.iterdir())
@@ -95,8 +95,8 @@ def test_provider_with_nothing_faster_serves_fp32(near: Path, tmp_path: Path) ->
     assert (scorer.precision, choice.source, choice.agreement) == ("fp32", "only", {"fp32": 1.0})
 
 
-def test_export_carries_a_sample_into_the_bundle_version(random_bundle_b: Path, tmp_path: Path) -> None:
-    checkpoint = random_bundle_b.parent / "checkpoint-B"
+def test_export_carries_a_sample_into_the_bundle_version(bundle_b: Path, tmp_path: Path) -> None:
+    checkpoint = bundle_b.parent / "checkpoint-B"
     rows = tmp_path / "seen_val.jsonl"
     rows.write_text(
         "".join(
@@ -109,7 +109,7 @@ def test_export_carries_a_sample_into_the_bundle_version(random_bundle_b: Path, 
     pairs = validation_sample.read(out) or []
     assert len(pairs) == validation_sample.MAX_PAIRS and len({p.prompt for p in pairs}) == len(pairs)
     assert B.VALIDATION_FILE in B.read_meta(out).digests
-    assert report.version != B.read_meta(random_bundle_b).version
+    assert report.version != B.read_meta(bundle_b).version
     # The sample is content: a bundle whose sample changed after export is refused like any other changed file.
     damaged = copy_bundle(out, tmp_path / "damaged")
     validation_sample.write(damaged, pairs[:3])

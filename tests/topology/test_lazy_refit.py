@@ -68,12 +68,12 @@ def _count_fits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_a_replica_is_ready_without_reading_stored_users_and_refits_one_on_first_score(
-    tmp_path: Path, random_bundle_a: Path, scorer_a
+    tmp_path: Path, bundle_a: Path, scorer_a
 ) -> None:
     users = [f"old-{i}" for i in range(200)]
     with RedisServer(tmp_path / "redis") as server:
         await _store_old_users(server.url, users)
-        settings = cpu_settings(random_bundle_a, redis_url=server.url, migrate_in_background=False)
+        settings = cpu_settings(bundle_a, redis_url=server.url, migrate_in_background=False)
         with _monitor(server.port, tmp_path / "monitor.log") as log:
             await asyncio.sleep(0.5)  # redis-cli is connected
             async with running_app(settings, scorer_a) as c:
@@ -95,11 +95,11 @@ async def test_a_replica_is_ready_without_reading_stored_users_and_refits_one_on
 
 
 async def test_two_replicas_reading_one_unfitted_user_fit_them_once(
-    tmp_path: Path, random_bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with RedisServer(tmp_path / "redis") as server:
         await _store_old_users(server.url, ["shared"])
-        settings = cpu_settings(random_bundle_a, redis_url=server.url, migrate_in_background=False)
+        settings = cpu_settings(bundle_a, redis_url=server.url, migrate_in_background=False)
         fits = _count_fits(monkeypatch)
         async with running_app(settings, scorer_a) as one, running_app(settings, scorer_a) as two:
             assert server.client().hget("pal:u:{shared}:w", scorer_a.meta.version) is None  # not fitted at start
@@ -114,12 +114,12 @@ async def test_two_replicas_reading_one_unfitted_user_fit_them_once(
 
 
 async def test_the_background_walk_is_done_once_by_the_replicas_between_them(
-    tmp_path: Path, random_bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     users = [f"walk-{i}" for i in range(30)]
     with RedisServer(tmp_path / "redis") as server:
         await _store_old_users(server.url, users)
-        settings = cpu_settings(random_bundle_a, redis_url=server.url, retry_after_s=1)
+        settings = cpu_settings(bundle_a, redis_url=server.url, retry_after_s=1)
         fits = _count_fits(monkeypatch)
         async with AsyncExitStack() as stack:
             apps = [await stack.enter_async_context(running_app(settings, scorer_a, wait_ready=False)) for _ in "ab"]
@@ -139,7 +139,7 @@ async def test_the_background_walk_is_done_once_by_the_replicas_between_them(
 
 
 async def test_a_walk_left_by_a_dead_replica_is_waited_for_then_taken_over_where_it_stopped(
-    tmp_path: Path, random_bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bundle_a: Path, scorer_a, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another replica walked one page of users and holds the shard's lease: this one waits (fits nobody), and once
     that lease is gone (its holder died) goes on from the saved cursor, not from the start."""
@@ -154,7 +154,7 @@ async def test_a_walk_left_by_a_dead_replica_is_waited_for_then_taken_over_where
         r.hset(f"pal:{{sweep}}:{version}", "all", cursor)
         r.set(f"pal:{{sweep}}:{version}:lease:all", "dead-replica", ex=120)
         fits = _count_fits(monkeypatch)
-        settings = cpu_settings(random_bundle_a, redis_url=server.url, retry_after_s=1)
+        settings = cpu_settings(bundle_a, redis_url=server.url, retry_after_s=1)
         async with running_app(settings, scorer_a, wait_ready=False) as c:
             state = lambda: c.app.state.engine.migration if c.app.state.engine else {}  # noqa: E731
             for _ in range(600):
@@ -178,7 +178,7 @@ async def test_a_walk_left_by_a_dead_replica_is_waited_for_then_taken_over_where
 
 
 async def test_get_user_does_not_hang_on_a_dead_replicas_refit_lease(
-    tmp_path: Path, random_bundle_a: Path, scorer_a
+    tmp_path: Path, bundle_a: Path, scorer_a
 ) -> None:
     """GET /users/{id} answers after PAL_REFIT_ON_READ_WAIT_S of another replica's lease, fitting the user itself,
     instead of waiting for the lease to expire (120 s)."""
@@ -186,7 +186,7 @@ async def test_get_user_does_not_hang_on_a_dead_replicas_refit_lease(
         await _store_old_users(server.url, ["stuck"])
         server.client().set("pal:u:{stuck}:refit", "dead-replica", ex=120)
         settings = cpu_settings(
-            random_bundle_a, redis_url=server.url, migrate_in_background=False, refit_on_read_wait_s=0.5
+            bundle_a, redis_url=server.url, migrate_in_background=False, refit_on_read_wait_s=0.5
         )
         async with running_app(settings, scorer_a) as c:
             view = (await c.get("/users/stuck")).json()

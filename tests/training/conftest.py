@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.config import EncoderSpec
+from tests.support import disagreeing_rows
 
 TOPICS = [("cats", "dogs"), ("tea", "coffee"), ("mountains", "beaches"), ("winter", "summer"), ("jazz", "techno")]
 PROMPTS = ["What do you enjoy?", "Tell me what you like.", "Which would you pick?"]
@@ -17,17 +18,13 @@ PROMPTS = ["What do you enjoy?", "Tell me what you like.", "Which would you pick
 
 def preference_rows(n_users: int = 14, pairs: int = 24, seed: int = 0) -> list[dict]:
     """Group 0 prefers the first side of every topic, group 1 the second; texts vary, so few repeat."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        group = u % 2
-        for _ in range(pairs):
-            (a, b), n = TOPICS[rng.integers(len(TOPICS))], int(rng.integers(40))
-            first, second = f"I really enjoy {a}, reason {n}", f"I really enjoy {b}, reason {n}"
-            chosen, rejected = (first, second) if group == 0 else (second, first)
-            rows.append({"user_id": f"u{u:02d}", "prompt": PROMPTS[int(rng.integers(3))], "chosen": chosen,
-                         "rejected": rejected})  # fmt: skip
-    return rows
+
+    def draw(rng: np.random.Generator) -> tuple[str, str, str]:
+        (a, b), n = TOPICS[rng.integers(len(TOPICS))], int(rng.integers(40))
+        first, second = f"I really enjoy {a}, reason {n}", f"I really enjoy {b}, reason {n}"
+        return PROMPTS[int(rng.integers(3))], first, second
+
+    return disagreeing_rows(n_users, pairs, seed, draw, "user_id", lambda u: f"u{u:02d}")
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
