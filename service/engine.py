@@ -39,7 +39,8 @@ class RewardEngine:
         self.settings = settings
         self.metrics = metrics
         self.version: str = scorer.meta.version
-        self.k: int = scorer.meta.pal.k
+        self.k: int = scorer.meta.pal.k  # prototypes (objective preference vectors have K entries)
+        self.weights_dim: int = scorer.weights_dim  # numbers in a user's weights: K, or a hier model's rank R
         self.batcher = Batcher(
             scorer,
             max_gather_tokens=scorer.max_batch_tokens * GATHER_BATCHES,
@@ -50,7 +51,7 @@ class RewardEngine:
         self.weights = UserWeights(store, self.version, settings, self._redis_error)
         self.users = Users(scorer, store, self.batcher, self.weights, settings, metrics, self._redis_error)
         self.population = Population(
-            store, self.version, self.k, settings.population_ttl_s, settings.population_max_users
+            store, self.version, self.weights_dim, settings.population_ttl_s, settings.population_max_users
         )
         self.scoring = Scoring(scorer, self.batcher, self.weights, self.population, self.users.prior)
         self.startup = Startup(self.users)

@@ -33,6 +33,10 @@ class Scoring:
     prior: np.ndarray  # the population prior: the weights of an item without a user's fit or an objective
 
     async def score(self, items: list[ScoreItem], with_prototypes: bool = False) -> list[ScoreResult]:
+        if self.scorer.deviation is not None:  # before any encoding: a request this model cannot serve is a 422
+            for it in items:
+                if it.objective is not None:
+                    objectives.refuse_for_hier(it.objective)
         users = sorted({it.user_id for it in items if it.user_id is not None})
         enc, weights = await asyncio.gather(
             self.batcher.encode([it.prompt for it in items], [it.response for it in items]),
@@ -48,8 +52,10 @@ class Scoring:
         for obj, rows in by_objective.items():  # items sharing an objective are computed together
             idx = np.asarray(rows)
             protos_of = None if enc.prompt_prototypes is None else enc.prompt_prototypes[idx]
+            dev_of = None if enc.deviation is None else enc.deviation[idx]
             out = await objectives.compute(
-                obj, self.scorer.head, enc.latent[idx], protos_of, self.prior, self.population, self.weights.get
+                obj, self.scorer.head, enc.latent[idx], protos_of, self.prior, self.population, self.weights.get,
+                dev_of,
             )
             rewards[idx] = out.rewards
             for j, group in zip(rows, out.group, strict=True):

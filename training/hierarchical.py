@@ -240,5 +240,32 @@ def add_to_run(run_dir: Path, preset: str, shots: Sequence[int] | None = None) -
     return write_report(runs, seeds, run_dir, top["title"])
 
 
+def write_hier_checkpoint(
+    k1_checkpoint: str | Path, model: DeviationModel, out_dir: str | Path, metrics: dict[str, Any] | None = None
+) -> Path:
+    """The served form of a `hier` model: a copy of its K=1 checkpoint (the global reward) plus its deviation
+    (basis, prior, and the weights of the checkpoint's seen users: the trained ones, the prior mean for a user the
+    deviation was not trained on), sealed under a version of its own; config.json written once, with `metrics`.
+    `pal export` turns it into a bundle whose /adapt fits with models.deviation.fit_deviation."""
+    import shutil
+
+    from models.checkpoint import CONFIG_FILE, add_deviation, read_checkpoint, write_config
+    from models.deviation import Deviation
+
+    src, out = Path(k1_checkpoint), Path(out_dir)
+    ckpt = read_checkpoint(src)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns(CONFIG_FILE))
+    weights = np.stack([model.user_weights.get(u, model.prior_mean) for u in ckpt.user_ids]).reshape(
+        len(ckpt.user_ids), len(model.prior_mean)
+    )
+    deviation = Deviation(model.basis, model.prior_mean, model.precision, weights)
+    meta = add_deviation(out, ckpt.meta, deviation)
+    meta.metrics.update(metrics or {})
+    write_config(out, meta)
+    return out
+
+
 if __name__ == "__main__":
     add_to_run(Path(sys.argv[1]), sys.argv[sys.argv.index("--preset") + 1])
