@@ -198,7 +198,7 @@ async def population(
     except RedisError as e:
         raise StoreUnavailable(str(e)) from e
     return PopulationView(
-        model_version=engine.version, k=engine.k, **snap.describe(),
+        model_version=engine.version, k=engine.weights_dim, **snap.describe(),
         weights=snap.weights[:sample].round(6).tolist() if sample else None,
         labels=snap.labels[:sample].tolist() if sample else None,
     )
