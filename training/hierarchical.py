@@ -267,5 +267,33 @@ def write_hier_checkpoint(
     return out
 
 
+
+def served_hier_checkpoint(
+    k1_checkpoint: str | Path,
+    encs: dict[str, EncodedComparisons],
+    measured: dict[str, Any],
+    out_dir: str | Path,
+    cfg: DeviationConfig = DeviationConfig(),
+) -> Path | None:
+    """Write the `hier` model that evaluate_deviation measured (`measured`, its report) as a servable checkpoint
+    in out_dir, if its deviation was kept: an epoch beat the global model on validation (best_epoch > 0) and,
+    where the user-level cross-validation ran, it carried to held-out users (cv_gain > 0). Else None: the global
+    model is what hier would serve, and K=1 is served as is. The deviation is trained again with the same config
+    and seed (deterministic on one thread), and checked to be the measured one."""
+    if measured["best_epoch"] <= 0 or (measured.get("cv_gain") is not None and measured["cv_gain"] <= 0):
+        return None
+    from models.checkpoint import read_checkpoint
+
+    head = read_checkpoint(k1_checkpoint).head_params
+    with limit_threads(1):
+        p = {s: Pairs.build(head, encs[s], True) for s in ("seen_train", "seen_val")}
+        model = train_deviation(p["seen_train"], p["seen_val"], True, cfg)
+    if (model.best_epoch, model.val_accuracy) != (measured["best_epoch"], measured["seen_val_accuracy"]):
+        got, want = model.best_epoch, measured["best_epoch"]
+        print(f"hier not written: training it again gave epoch {got}, not {want}", file=sys.stderr)
+        return None
+    return write_hier_checkpoint(k1_checkpoint, model, out_dir, measured)
+
+
 if __name__ == "__main__":
     add_to_run(Path(sys.argv[1]), sys.argv[sys.argv.index("--preset") + 1])
