@@ -190,6 +190,11 @@ class Info(BaseModel):
     model_version: str
     form: str
     k: int
+    deviation_rank: int | None = Field(
+        default=None,
+        description="a hierarchical model's rank R (users' weights: R deviation weights added to the K=1 reward); "
+        "null for PAL",
+    )
     encoder: dict
     provider: str
     precision: str

@@ -136,6 +136,8 @@ async def test_adapt_follows_the_deviation_with_the_eval_fitter(tmp_path, bundle
         expected = fit_deviation(g, feats.deviation, dev.prior_mean, dev.precision)
         np.testing.assert_allclose(body["weights"], expected, rtol=1e-9, atol=1e-12)
         assert body["confidence"] == pytest.approx(posterior_confidence(g, feats.deviation, expected, dev.precision))
+        info = (await c.get("/info")).json()
+        assert (info["form"], info["k"], info["deviation_rank"]) == ("B", 1, 2)
         state = (await c.get("/users/ada")).json()
         assert state["weights"] == body["weights"]
         # /score serves those weights: the same rewards as the scorer's, and ranks the user's pairs better.
