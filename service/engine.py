@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from service import objectives
 from service.batcher import GATHER_BATCHES, Batcher
 from service.config import Settings
 from service.domain import Adapted, ScoreItem, ScoreResult, UserView
+from service.objectives import Objective
 from service.population import Population
 from service.scoring import Scoring
 from service.startup import Startup
@@ -97,6 +99,11 @@ class RewardEngine:
         return stats
 
     # --- the API routes call
+    def validate_objective(self, objective: Objective) -> Objective:
+        """The objective checked against this model (its K; a hierarchical model mixes no prototypes); raises
+        objectives.ObjectiveError (422) saying what is wrong."""
+        return objectives.validate(objective, self.k, hier=self.scorer.deviation is not None)
+
     async def score(self, items: list[ScoreItem], with_prototypes: bool = False) -> tuple[list[ScoreResult], str]:
         return await self.scoring.score(items, with_prototypes), self.version
 

@@ -14,7 +14,8 @@ A hierarchical model (global reward + personal deviation, models/deviation.py) h
 reward, and users' weights that are R unconstrained deviation weights: `mean` and `maxmin` average its users'
 rewards (the reward is linear in w: the reward at their mean weights; nobody stored: the global reward), k-means
 groups them on those weights, and linear / tchebycheff see a one-entry prototype vector (the global reward);
-`weights`, a mixture of prototypes, has no meaning there and is refused (HierWeightsRefused, 422).
+`weights`, a mixture of prototypes, has no meaning there and is refused (ObjectiveError: a 422 in /score, an
+`objective_invalid` flag in the RLHF protocols).
 
 The math is models/aggregate.py; this module validates the objectives and finds the weights they need.
 """
@@ -72,10 +73,13 @@ class ObjectiveRewards:
     users: int  # how many users the reward is over (0 for preference vectors)
 
 
-def validate(obj: Objective, k: int) -> Objective:
-    """Check what can be checked without Redis; ObjectiveError says what is wrong."""
+def validate(obj: Objective, k: int, hier: bool = False) -> Objective:
+    """Check what can be checked without Redis (against K prototypes; `hier`: a hierarchical model, which has no
+    prototype mixture); ObjectiveError says what is wrong."""
     if obj.kind not in KINDS:
         raise ObjectiveError(f"objective kind must be one of {KINDS}, got {obj.kind!r}")
+    if hier:
+        refuse_for_hier(obj)
     try:
         if obj.kind in ("weights", "linear", "tchebycheff"):
             if obj.preference is None:

@@ -33,10 +33,6 @@ class Scoring:
     prior: np.ndarray  # the population prior: the weights of an item without a user's fit or an objective
 
     async def score(self, items: list[ScoreItem], with_prototypes: bool = False) -> list[ScoreResult]:
-        if self.scorer.deviation is not None:  # before any encoding: a request this model cannot serve is a 422
-            for it in items:
-                if it.objective is not None:
-                    objectives.refuse_for_hier(it.objective)
         users = sorted({it.user_id for it in items if it.user_id is not None})
         enc, weights = await asyncio.gather(
             self.batcher.encode([it.prompt for it in items], [it.response for it in items]),

@@ -184,6 +184,17 @@ async def test_objectives_on_a_hierarchical_model(tmp_path, bundles, hier_scorer
         assert r.status_code == 200, r.text
         pop = (await c.get("/population", params={"sample": 10})).json()
         assert pop["k"] == 2 and pop["users"] == len(everyone) and all(len(w) == 2 for w in pop["weights"])
+        # /score/chat refuses it as /score does; an RLHF label carrying it scores the population, flagged.
+        chat = {
+            "items": [{"prompt": PROMPT, "response": RESPONSES[0], "objective": {"kind": "weights", "weights": [1]}}]
+        }
+        r = await c.post("/score/chat", json=chat)
+        assert r.status_code == 422 and "no prototypes" in r.text
+        labels = [{"kind": "weights", "weights": [1.0]}, {"kind": "mean"}]
+        body = {"query": [f"{PROMPT} {x}" for x in RESPONSES[:2]], "prompts": [PROMPT] * 2, "labels": labels}
+        r = await c.post("/get_reward", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["extra_logs"]["flagged"] == [1.0, 0.0]
         # The prototype vector has one entry, the global reward: linear with lambda = [1] is g.
         r = await c.post("/score", json={"items": items, "objective": {"kind": "linear", "weights": [1.0]}})
         assert r.status_code == 200, r.text
