@@ -114,3 +114,30 @@ def test_hier_whose_deviation_was_not_kept_is_not_written_nor_served(tmp_path: P
     served = choose_served(models, tmp_path)
     assert served["served_selection"]["served_form"] == "pal" and served["served_selection"]["served_k"] == 1
     assert read_checkpoint(tmp_path / "served").deviation is None
+
+
+def test_fit_hier_is_the_eval_fitter_and_its_confidence_grows_with_comparisons() -> None:
+    """/adapt's fit_hier on encoded comparisons gives the weights `pal eval` fits (DeviationModel.fit) on the same
+    pairs; its confidence is 0 at the prior and grows with the comparisons."""
+    from models.deviation import Deviation, fit_hier
+    from models.head import ComparisonFeatures
+    from tests.core.test_hierarchical import two_groups
+    from training.hierarchical import Pairs, train_deviation
+
+    head, encs = two_groups()
+    p = {s: Pairs.build(head, e, True) for s, e in encs.items()}
+    model = train_deviation(p["seen_train"], p["seen_val"], use_global=True)
+    dev = Deviation(model.basis, model.prior_mean, model.precision, np.zeros((0, len(model.prior_mean))))
+    pool = encs["unseen_pool"]
+    rows = pool.user_rows()["au0"]
+    e = pool.item_vecs
+    confidences = []
+    for n in (0, 2, 20):
+        r = rows[:n]
+        chosen, rejected = e[pool.chosen_idx[r]], e[pool.rejected_idx[r]]
+        protos = head.prompt_prototypes(pool.prompt_vecs[pool.prompt_idx[r]])
+        feats = ComparisonFeatures(head.f(chosen), head.f(rejected), protos, (chosen - rejected) @ model.basis.T)
+        fit = fit_hier(head, dev, feats, model.prior_mean)
+        np.testing.assert_allclose(fit.weights, model.fit(p["unseen_pool"], r), rtol=1e-9, atol=1e-12)
+        confidences.append(fit.confidence)
+    assert confidences[0] == 0.0 and 0.0 < confidences[1] < confidences[2] < 1.0
