@@ -6,6 +6,9 @@ Everything takes the scorer's user-independent outputs (`EncodedItems`: one enco
 weight rows. The reward is not linear in the weights (PAL-B normalises the mixed prototype, PAL-A passes it
 through an MLP), so the mean over users is computed per user, never as the reward of the mean weights. For PAL-B
 each item reduces to K numbers and a KxK Gram matrix, so U users cost O(U K^2) per item, not O(U K D).
+
+A hierarchical model (models/deviation.py) passes its items' deviation features V e(x) (N, R) as `deviation`; its
+weight rows are then the users' R deviation weights, and a user's reward is the K=1 head's plus w . V e(x).
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ USER_BLOCK = 4096
 
 
 def user_rewards(
-    head: HeadParams, latent: np.ndarray, prototypes: np.ndarray | None, weights: np.ndarray
+    head: HeadParams,
+    latent: np.ndarray,
+    prototypes: np.ndarray | None,
+    weights: np.ndarray,
+    deviation: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reward of every item under every weight row: latent (N, D), prototypes (N, K, D) or None, weights (U, K) ->
-    (N, U). Equal to models.head.reward_b / reward_a applied per pair."""
+    (N, U). Equal to models.head.reward_b / reward_a applied per pair. With `deviation` (N, R): weights (U, R) are
+    deviation weights, added to the K=1 head's reward."""
     w = np.asarray(weights, dtype=np.float64)
+    if deviation is not None:
+        base = user_rewards(head, latent, prototypes, np.ones((1, head.cfg.k)))
+        return base + np.einsum("nr,ur->nu", deviation, w)
     if head.cfg.form == "B":
         assert prototypes is not None
         k = w.shape[1]
@@ -51,13 +62,17 @@ def weight_blocks(weights: np.ndarray, block: int = USER_BLOCK) -> Iterator[np.n
 
 
 def mean_reward(
-    head: HeadParams, latent: np.ndarray, prototypes: np.ndarray | None, blocks: Iterable[np.ndarray]
+    head: HeadParams,
+    latent: np.ndarray,
+    prototypes: np.ndarray | None,
+    blocks: Iterable[np.ndarray],
+    deviation: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Mean reward over every weight row of every block (streamed: one block in memory at a time): (N,), users."""
     total, count = np.zeros(len(latent)), 0
     for w in blocks:
         if len(w):
-            total += user_rewards(head, latent, prototypes, w).sum(axis=1)
+            total += user_rewards(head, latent, prototypes, w, deviation).sum(axis=1)
             count += len(w)
     if count == 0:
         raise ValueError("no users to average over")
@@ -71,13 +86,14 @@ def group_means(
     weights: np.ndarray,
     labels: np.ndarray,
     n_groups: int,
+    deviation: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each group's mean reward per item: (N, G). labels[u] in [0, G); every group must have a user."""
     sums, counts = np.zeros((len(latent), n_groups)), np.bincount(labels, minlength=n_groups)
     if (counts == 0).any():
         raise ValueError(f"groups {np.flatnonzero(counts == 0).tolist()} have no users")
     for start in range(0, len(weights), USER_BLOCK):
-        r = user_rewards(head, latent, prototypes, weights[start : start + USER_BLOCK])
+        r = user_rewards(head, latent, prototypes, weights[start : start + USER_BLOCK], deviation)
         onehot = np.eye(n_groups)[labels[start : start + USER_BLOCK]]  # (u, G)
         sums += np.einsum("nu,ug->ng", r, onehot)
     return sums / counts[None, :]

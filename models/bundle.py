@@ -9,6 +9,8 @@
     head.safetensors   the checkpoint's head parameters (models.head.HeadParams: fitting, PAL-A ideal points)
     users.safetensors  {"logits": (n_users, K)} seen users' simplex logits
     users.json         seen user ids, row order of the logits
+    deviation.safetensors  a hierarchical model only (config `deviation_rank`): models.deviation.Deviation, and
+                       the graph's third output `deviation` = V e(x)
     tokenizer/         tokenizer.json (+ the HF tokenizer config files; tokenizer_config.json names the pad token)
     validation.json    optional: a sample of the checkpoint's validation comparisons, on which the scorer measures
                        how many decisions each precision keeps (models/validation_sample.py, models/precision.py)
@@ -32,8 +34,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from models import validation_sample
-from models.checkpoint import USER_IDS_FILE, USERS_FILE, check_head_arrays, check_user_arrays
+from models.checkpoint import USER_IDS_FILE, USERS_FILE, check_head_arrays, check_hier, check_user_arrays
 from models.config import EncoderSpec, PALConfig
+from models.deviation import DEVIATION_FILE, Deviation
 from models.head import HeadParams, softmax
 
 FORMAT = "pal-rm-bundle/1"
@@ -48,6 +51,7 @@ VALIDATION_FILE = validation_sample.FILE
 
 LATENT = "latent"
 PROMPT_PROTOTYPES = "prompt_prototypes"
+DEVIATION = "deviation"  # a hierarchical model's V e(x), (B, R)
 
 
 class BundleError(ValueError):
@@ -78,6 +82,13 @@ class BundleMeta(BaseModel):
     # Largest |onnx - torch| over the export's self-check texts, per graph.
     export_max_abs_diff: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, object] = Field(default_factory=dict)
+    # A hierarchical model: the K=1 head's reward plus a rank-R personal deviation (DEVIATION_FILE); None: PAL.
+    deviation_rank: int | None = Field(default=None, ge=1)
+
+    @property
+    def weights_dim(self) -> int:
+        """How many numbers a user's weights are: K simplex weights (PAL), or R deviation weights (hier)."""
+        return self.pal.k if self.deviation_rank is None else self.deviation_rank
 
 
 # Config fields that change a reward (the rest are provenance: fusions, creation time, export diffs, metrics).
@@ -91,6 +102,8 @@ def content_files(directory: str | Path, meta: BundleMeta) -> list[str]:
     """Paths (relative, posix) of every file whose bytes change a reward."""
     directory = Path(directory)
     names = [HEAD_FILE, USERS_FILE, USER_IDS_FILE, *meta.graphs.values()]
+    if meta.deviation_rank is not None or (directory / DEVIATION_FILE).is_file():
+        names.append(DEVIATION_FILE)
     if (directory / VALIDATION_FILE).is_file():  # optional; bundles exported before it have none
         names.append(VALIDATION_FILE)
     tokenizer = directory / TOKENIZER_DIR
@@ -109,6 +122,8 @@ def file_digest(path: Path) -> str:
 
 def content_version(meta: BundleMeta, digests: dict[str, str]) -> str:
     fields = meta.model_dump(mode="json", include=set(VERSIONED_FIELDS))
+    if meta.deviation_rank is not None:  # only then: the versions of PAL bundles stay what they were
+        fields["deviation_rank"] = meta.deviation_rank
     h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for name, digest in sorted(digests.items()):
         h.update(f"\n{name}={digest}".encode())
@@ -155,8 +170,9 @@ def verify_contents(directory: str | Path, meta: BundleMeta) -> None:
         )
 
 
-def expected_outputs(cfg: PALConfig) -> list[str]:
-    return [LATENT, PROMPT_PROTOTYPES] if cfg.form == "B" else [LATENT]
+def expected_outputs(cfg: PALConfig, deviation_rank: int | None = None) -> list[str]:
+    names = [LATENT, PROMPT_PROTOTYPES] if cfg.form == "B" else [LATENT]
+    return names if deviation_rank is None else [*names, DEVIATION]
 
 
 def read_meta(directory: str | Path) -> BundleMeta:
@@ -174,8 +190,12 @@ def read_meta(directory: str | Path) -> BundleMeta:
         raise BundleError(f"unsupported bundle format {meta.format!r}, expected {FORMAT!r}")
     if meta.encoder.kind != "hf":
         raise BundleError(f"bundle {directory} has encoder kind {meta.encoder.kind!r}; only 'hf' encoders serve text")
-    if meta.output_names != expected_outputs(meta.pal):
-        raise BundleError(f"bundle outputs {meta.output_names} do not match PAL-{meta.pal.form}")
+    if meta.output_names != expected_outputs(meta.pal, meta.deviation_rank):
+        form = f"PAL-{meta.pal.form}"
+        if meta.deviation_rank is not None:
+            form += f" + a rank-{meta.deviation_rank} deviation"
+        raise BundleError(f"bundle outputs {meta.output_names} do not match {form}")
+    check_hier(meta.pal, meta.deviation_rank, directory, BundleError)
     if len(meta.prior_weights) != meta.pal.k or abs(sum(meta.prior_weights) - 1) > 1e-3:
         raise BundleError(f"{CONFIG_FILE} prior_weights must be K={meta.pal.k} weights summing to 1")
     return meta
@@ -200,6 +220,13 @@ def read_users(directory: str | Path, meta: BundleMeta) -> dict[str, np.ndarray]
         raise BundleError(f"bundle {directory}: unreadable {USER_IDS_FILE}: {e}") from e
     check_user_arrays(logits, user_ids, meta.pal.k, directory, BundleError)
     return dict(zip(user_ids, softmax(logits.astype(np.float64)), strict=True))
+
+
+def read_deviation(directory: str | Path, meta: BundleMeta, user_ids: list[str]) -> Deviation | None:
+    """A hierarchical bundle's deviation, checked against its rank, item dimension and seen users; None for PAL."""
+    if meta.deviation_rank is None:
+        return None
+    return Deviation.read(directory, meta.deviation_rank, meta.pal.item_dim, len(user_ids), BundleError)
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -5,6 +5,9 @@
     model.safetensors  shared head parameters (names of models.pal; weights stored (in, out))
     users.safetensors  {"logits": (n_users, K)}  seen users' simplex logits
     users.json         seen user ids, row order of the logits
+    deviation.safetensors  optional, a hierarchical model (config `deviation_rank`): the K=1 head is the global
+                       reward, plus a low-rank personal deviation (models.deviation.Deviation: basis, prior, seen
+                       users' weights in the row order of users.json)
 
 Reading needs numpy + safetensors only, so the serving side can load checkpoints without torch.
 """
@@ -22,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from models.config import EncoderSpec, PALConfig
+from models.deviation import DEVIATION_FILE, Deviation
 from models.head import HeadParams, softmax
 
 if TYPE_CHECKING:
@@ -48,6 +52,8 @@ class CheckpointMeta(BaseModel):
     prior_strength: float | None = Field(default=None, gt=0)
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # A hierarchical model (global K=1 reward + a rank-R personal deviation in DEVIATION_FILE); None: PAL.
+    deviation_rank: int | None = Field(default=None, ge=1)
 
 
 class Checkpoint(BaseModel, arbitrary_types_allowed=True):
@@ -55,6 +61,7 @@ class Checkpoint(BaseModel, arbitrary_types_allowed=True):
     head: dict[str, np.ndarray]
     user_ids: list[str]
     user_logits: np.ndarray
+    deviation: Deviation | None = None
 
     @property
     def head_params(self) -> HeadParams:
@@ -88,9 +95,33 @@ def content_version(directory: str | Path, meta: CheckpointMeta | None = None) -
     fields = json.loads(meta.model_dump_json() if meta is not None else (directory / CONFIG_FILE).read_text())
     h = hashlib.sha256()
     h.update(json.dumps({"pal": fields["pal"], "encoder": fields["encoder"]}, sort_keys=True).encode())
-    for name in (MODEL_FILE, USERS_FILE, USER_IDS_FILE):
+    for name in content_files(fields.get("deviation_rank")):
         h.update((directory / name).read_bytes())
     return "pal-" + h.hexdigest()[:16]
+
+
+def content_files(deviation_rank: int | None) -> tuple[str, ...]:
+    """The weight files a checkpoint's version hashes (a hierarchical one's deviation too)."""
+    files = (MODEL_FILE, USERS_FILE, USER_IDS_FILE)
+    return files if deviation_rank is None else (*files, DEVIATION_FILE)
+
+
+def check_hier(cfg: PALConfig, deviation_rank: int | None, directory: Path, error: type[ValueError]) -> None:
+    """A hierarchical model's head must be the global K=1 model: its reward is g, the one prototype's."""
+    if deviation_rank is not None and cfg.k != 1:
+        raise error(f"{directory} declares a deviation (rank {deviation_rank}) on a K={cfg.k} head; it needs K=1")
+
+
+def add_deviation(directory: str | Path, meta: CheckpointMeta, deviation: Deviation) -> CheckpointMeta:
+    """Make the checkpoint in `directory` (whose weight files `meta` describes) a hierarchical one: write its
+    deviation and return the meta with the rank and the version that now binds it; config.json is left to the
+    caller (write_config, the one writer)."""
+    directory = Path(directory)
+    check_hier(meta.pal, deviation.rank, directory, CheckpointError)
+    deviation.save(directory)
+    meta = meta.model_copy(deep=True, update={"deviation_rank": deviation.rank})
+    meta.version = content_version(directory, meta)
+    return meta
 
 
 def write_config(directory: str | Path, meta: CheckpointMeta) -> None:
@@ -204,9 +235,13 @@ def read_checkpoint(directory: str | Path, verify_version: bool = True) -> Check
     check_user_arrays(logits, user_ids, meta.pal.k, directory, CheckpointError)
     if len(meta.prior_weights) != meta.pal.k or abs(sum(meta.prior_weights) - 1) > 1e-3:
         raise CheckpointError("config.json prior_weights must be K weights summing to 1")
+    deviation = None
+    if meta.deviation_rank is not None:
+        check_hier(meta.pal, meta.deviation_rank, directory, CheckpointError)
+        deviation = Deviation.read(directory, meta.deviation_rank, meta.pal.item_dim, len(user_ids), CheckpointError)
     if verify_version and meta.version != content_version(directory):
         raise CheckpointError(f"checkpoint {directory}: content does not match its version {meta.version!r}")
-    return Checkpoint(meta=meta, head=head, user_ids=user_ids, user_logits=logits)
+    return Checkpoint(meta=meta, head=head, user_ids=user_ids, user_logits=logits, deviation=deviation)
 
 
 def load_model(directory: str | Path) -> tuple[PALModel, Checkpoint]:

@@ -13,9 +13,17 @@ The precision comes from empirical Bayes: the spread of the seen users' fitted w
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+from pathlib import Path
 
-from models.head import sigmoid
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from models.head import ComparisonFeatures, FitResult, HeadParams, margins, sigmoid
+
+# A served hierarchical model's deviation (Deviation below), beside the K=1 head in a checkpoint or a bundle.
+DEVIATION_FILE = "deviation.safetensors"
 
 _MIN_VAR = 1e-6  # a basis direction no seen user moved along: its prior pins new users to the mean (finite)
 
@@ -74,3 +82,95 @@ def fit_deviation(
         if done:
             break
     return w
+
+
+def posterior_confidence(
+    global_margins: np.ndarray, basis_margins: np.ndarray, weights: np.ndarray, precision: np.ndarray
+) -> float:
+    """1 - mean posterior std / mean prior std of the weights under the Laplace approximation at the MAP `weights`
+    (the Newton Hessian of fit_deviation's objective, K x K): 0 with no comparisons, towards 1 as they pin the
+    weights down. The same meaning as models.head.FitResult.confidence for PAL's simplex weights."""
+    w = np.asarray(weights, dtype=np.float64)
+    prec = np.asarray(precision, dtype=np.float64) * np.ones_like(w)
+    b = np.asarray(basis_margins, dtype=np.float64).reshape(len(global_margins), len(w))
+    p = sigmoid(-(np.asarray(global_margins, dtype=np.float64) + b @ w))
+    hess = (b.T * (p * (1 - p))) @ b + np.diag(prec)
+    try:
+        post_std = np.sqrt(np.clip(np.diag(np.linalg.inv(hess)), 0.0, None)).mean()
+    except np.linalg.LinAlgError:
+        return 0.0
+    prior_std = np.sqrt(1.0 / prec).mean()
+    return float(np.clip(1.0 - post_std / prior_std, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """What a served hierarchical model adds to its K=1 head: the basis, the prior and the seen users' weights
+    (rows in the order of the checkpoint's user ids). Stored as DEVIATION_FILE beside the head."""
+
+    basis: np.ndarray  # (R, d) float64
+    prior_mean: np.ndarray  # (R,)
+    precision: np.ndarray  # (R,) > 0
+    user_weights: np.ndarray  # (n_users, R)
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """As written to DEVIATION_FILE (float32, as the graph computes)."""
+        return {
+            "basis": self.basis.astype(np.float32),
+            "prior_mean": self.prior_mean.astype(np.float32),
+            "precision": self.precision.astype(np.float32),
+            "user_weights": self.user_weights.astype(np.float32),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / DEVIATION_FILE
+        save_file(self.arrays(), str(path))
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path, rank: int, dim: int, n_users: int, error: type[ValueError]) -> Deviation:
+        """Load and check DEVIATION_FILE against the rank the config declares, the item dimension d of the head
+        and the number of seen users; `error` (CheckpointError, BundleError) says what is wrong."""
+        path = Path(directory) / DEVIATION_FILE
+        if not path.is_file():
+            raise error(f"{Path(directory)} declares a deviation (rank {rank}) but has no {DEVIATION_FILE}")
+        try:
+            arrays = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise error(f"{path} is not a readable safetensors file: {e}") from e
+        expected = {"basis": (rank, dim), "prior_mean": (rank,), "precision": (rank,), "user_weights": (n_users, rank)}
+        for name, shape in expected.items():
+            if name not in arrays:
+                raise error(f"{path} lacks {name!r}")
+            if tuple(arrays[name].shape) != shape:
+                raise error(
+                    f"{path}: {name} has shape {tuple(arrays[name].shape)}, expected {shape} (deviation rank "
+                    f"{rank}, item dimension {dim}, {n_users} seen users)"
+                )
+            if not np.isfinite(arrays[name]).all():
+                raise error(f"{path}: {name} holds NaN or inf")
+        if (arrays["precision"] <= 0).any():
+            raise error(f"{path}: precision must be positive")
+        return cls(*(arrays[n].astype(np.float64) for n in expected))
+
+
+def fit_hier(
+    head: HeadParams, deviation: Deviation, feats: ComparisonFeatures, prior_mean: np.ndarray
+) -> FitResult:
+    """One user's deviation weights from encoded comparisons (what /adapt runs): the global margins of the K=1
+    head and the basis margins, through fit_deviation (the fitter `pal eval` measures). `weights` and `logits`
+    both hold the unconstrained weights."""
+    if feats.deviation is None:
+        raise ValueError("hierarchical fitting needs the comparisons' deviation features")
+    if len(feats) == 0:
+        w = np.asarray(prior_mean, dtype=np.float64).copy()
+        return FitResult(w, w, float("nan"), 0.0, 0)
+    g = margins(head, feats, np.ones(head.cfg.k))
+    b = feats.deviation
+    w = fit_deviation(g, b, prior_mean, deviation.precision)
+    acc = float((g + b @ w > 0).mean())
+    return FitResult(w, w, acc, posterior_confidence(g, b, w, deviation.precision), len(feats))

@@ -2,7 +2,9 @@
 
 The graph is PooledEncoder (eager attention, so onnxruntime's BERT fusions recognise the attention pattern)
 followed by the PAL head's user-independent maps. Users only enter through K weights at scoring time, so
-scoring N users costs one encoder pass plus O(K d) numpy each.
+scoring N users costs one encoder pass plus O(K d) numpy each. A hierarchical checkpoint's graph also outputs
+`deviation` = V e(x) (R numbers per item, the basis applied to the pooled embedding), on which its users' R
+unconstrained weights act.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from models import bundle as B
 from models import validation_sample
 from models.checkpoint import MODEL_FILE, USER_IDS_FILE, USERS_FILE, load_model
 from models.config import EncoderSpec
+from models.deviation import DEVIATION_FILE
 from models.embedder import ENCODER_GRAPH, ENCODER_SPEC_FILE
 from models.encoder import PooledEncoder, load_tokenizer
 from models.pal import PALHead
@@ -57,6 +60,7 @@ class ExportReport(BaseModel):
     version: str
     form: str
     k: int
+    deviation_rank: int | None = None  # a hierarchical model's rank
     encoder: str
     graphs: dict[str, str]
     fusions: dict[str, int]
@@ -77,18 +81,22 @@ class _Probe:
 
 
 class ScoringGraph(nn.Module):
-    """token ids + mask -> pooled embedding -> latent f(e) (and g_k(e) for PAL-B). Traced by torch.onnx."""
+    """token ids + mask -> pooled embedding -> latent f(e) (and g_k(e) for PAL-B; and V e for a hierarchical
+    model's deviation basis V (R, d)). Traced by torch.onnx."""
 
-    def __init__(self, encoder: PooledEncoder, head: PALHead) -> None:
+    def __init__(self, encoder: PooledEncoder, head: PALHead, basis: np.ndarray | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.basis: torch.Tensor | None
+        self.register_buffer("basis", None if basis is None else torch.from_numpy(np.asarray(basis, np.float32)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         e = self.encoder(input_ids, attention_mask)
+        out: tuple[torch.Tensor, ...] = (self.head.latent(e),)
         if self.head.cfg.form == "B":
-            return self.head.latent(e), self.head.prompt_prototypes(e)
-        return (self.head.latent(e),)
+            out = (*out, self.head.prompt_prototypes(e))
+        return out if self.basis is None else (*out, e @ self.basis.T)
 
 
 def export_bundle(
@@ -118,13 +126,14 @@ def export_bundle(
         )
     encoder = PooledEncoder(spec, attn_implementation="eager")
     _check_dims(encoder, spec, cfg.form, cfg.item_dim, cfg.prompt_dim)
-    graph = ScoringGraph(encoder, model.head).eval()
+    deviation = ckpt.deviation
+    graph = ScoringGraph(encoder, model.head, None if deviation is None else deviation.basis).eval()
     tokenizer = load_tokenizer(spec)
     tokenizer.truncation_side = spec.truncation_side
     check_ids, check_mask = _self_check_batch(tokenizer, spec)
     with torch.no_grad():  # reference before tracing, from the untouched torch modules
         reference = [t.numpy() for t in graph(check_ids, check_mask)]
-    output_names = B.expected_outputs(cfg)
+    output_names = B.expected_outputs(cfg, ckpt.meta.deviation_rank)
     probe = _Probe(check_ids, check_mask, output_names, reference)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +148,8 @@ def export_bundle(
         shutil.copyfile(checkpoint / MODEL_FILE, work / B.HEAD_FILE)
         shutil.copyfile(checkpoint / USERS_FILE, work / B.USERS_FILE)
         shutil.copyfile(checkpoint / USER_IDS_FILE, work / B.USER_IDS_FILE)
+        if deviation is not None:
+            shutil.copyfile(checkpoint / DEVIATION_FILE, work / DEVIATION_FILE)
         pairs = _validation_pairs(checkpoint, validation)
         if pairs:
             validation_sample.write(work, pairs)
@@ -160,6 +171,7 @@ def export_bundle(
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             export_max_abs_diff=diffs,
             metrics=ckpt.meta.metrics,
+            deviation_rank=ckpt.meta.deviation_rank,
         )
         meta = B.seal(work, meta)
         # Swap in whole: a reader never sees a half-written bundle under `out`.
@@ -179,6 +191,7 @@ def export_bundle(
         version=meta.version,
         form=cfg.form,
         k=cfg.k,
+        deviation_rank=meta.deviation_rank,
         encoder=spec.name_or_path,
         graphs=graphs,
         fusions=fusions,

@@ -122,11 +122,13 @@ class ComparisonFeatures:
 
     PAL-B: chosen/rejected latents f(e(x)) (n, D) and the prompt prototypes g_k(e(p)) (n, K, D).
     PAL-A: chosen/rejected latents f(e(p, x)) (n, D); `prompt_prototypes` is None.
+    A hierarchical model (models/deviation.py) also has `deviation`: V e(chosen) - V e(rejected), (n, R).
     """
 
     chosen: np.ndarray
     rejected: np.ndarray
     prompt_prototypes: np.ndarray | None = None
+    deviation: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)

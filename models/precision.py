@@ -64,7 +64,7 @@ def decisions(scorer: Scorer, pairs: list[validation_sample.ValidationPair]) -> 
     """For each pair, whether the scorer ranks chosen above rejected for that pair's user (bool, (n,))."""
     n = len(pairs)
     seen = scorer.seen_users()
-    prior = np.asarray(scorer.meta.prior_weights, dtype=np.float64)
+    prior = scorer.prior
     weights = np.stack([seen.get(p.user_id, prior) for p in pairs])
     prompts = [p.prompt for p in pairs]
     enc = scorer.encode(prompts * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])

@@ -1,11 +1,12 @@
 """Runtime scorer over a bundle: tokenizers + onnxruntime + numpy (never torch or transformers).
 
 encode() turns (prompt, response) pairs into the head's user-independent outputs; rewards() then scores any
-user mixture in O(K d) numpy. encode() is two stages a server runs on different threads: prepare() (identical
-texts looked up once, encoder outputs kept in an LRU cache keyed by (model version, content hash, role), cache
-misses tokenized in bulk) and run() (the pending texts of any number of requests sorted by length and cut into
-batches by a padded-token budget, so short texts are not padded to long ones). Execution providers live in
-models/providers.
+user mixture in O(K d) numpy (a hierarchical bundle: the K=1 reward g plus each user's R weights times the item's
+deviation features V e(x), models/deviation.py). encode() is two stages a server runs on different threads:
+prepare() (identical texts looked up once, encoder outputs kept in an LRU cache keyed by (model version, content
+hash, role), cache misses tokenized in bulk) and run() (the pending texts of any number of requests sorted by
+length and cut into batches by a padded-token budget, so short texts are not padded to long ones). Execution
+providers live in models/providers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from models import bundle as B
 from models.bundle import BundleError, BundleMeta
 from models.cache import LRUCache
 from models.config import EncoderSpec, pair_text
+from models.deviation import Deviation
 from models.head import ComparisonFeatures, HeadParams, prototype_rewards, reward_a, reward_b
 from models.providers import ExecutionProvider, ProviderError, open_session
 
@@ -44,6 +46,7 @@ class EncodedItems:
     prompt_prototypes: np.ndarray | None  # (N, K, D) for PAL-B, None for PAL-A
     truncated: np.ndarray  # (N,) bool: prompt and/or response was cut to max_length
     tokens: np.ndarray  # (N,) int: tokens the encoder saw for the item (prompt + response, or the pair text)
+    deviation: np.ndarray | None = None  # (N, R) V e(x) of a hierarchical bundle, None for PAL
 
     def __len__(self) -> int:
         return len(self.latent)
@@ -54,11 +57,13 @@ _Key = tuple[str, bytes, str]  # (model version, text digest, role)
 
 @dataclass(frozen=True)
 class _Entry:
-    """One cached encoder output: a response latent (D,), prompt prototypes (K, D) or a pair latent (D,)."""
+    """One cached encoder output: a response latent (D,), prompt prototypes (K, D) or a pair latent (D,); and for
+    a hierarchical bundle's response or pair, its deviation features (R,)."""
 
     value: np.ndarray
     truncated: bool
     tokens: int
+    deviation: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,12 @@ class Scorer:
         cache_size: int,
         pad_tolerance: int | None = -1,
         precision: str = "fp32",
+        deviation: Deviation | None = None,
     ) -> None:
         self.meta = meta
+        # A hierarchical bundle's basis, prior and seen users' weights (then `users` holds those weights).
+        self.deviation = deviation
+        self._deviation_output = None if deviation is None else meta.output_names.index(B.DEVIATION)
         self.precision = precision
         # How the precision was chosen (models/precision.py), when the loader chose it; /info reports it.
         self.precision_choice: PrecisionChoice | None = None
@@ -151,11 +160,14 @@ class Scorer:
         meta = B.read_meta(directory)
         head = B.read_head(directory, meta)
         users = B.read_users(directory, meta)
+        deviation = B.read_deviation(directory, meta, list(users))
+        if deviation is not None:  # a hierarchical model's users are their deviation weights
+            users = dict(zip(users, deviation.user_weights, strict=True))
         tokenizer, pad_id = _load_tokenizer(directory, meta)
         backend, session = open_session(directory, meta, provider, precision, intra_op_threads, spinning)
         scorer = cls(
             meta, head, users, session, backend, tokenizer, pad_id, max_batch_tokens, cache_size, pad_tolerance,
-            precision,
+            precision, deviation,
         )
         scorer._probe()
         # Last: the structural checks above name what is wrong with a damaged file; this catches a well-formed
@@ -165,8 +177,21 @@ class Scorer:
 
     # ---------------------------------------------------------------- public API
 
+    @property
+    def weights_dim(self) -> int:
+        """Numbers in a user's weights: K simplex weights, or a hierarchical model's R deviation weights."""
+        return self.meta.weights_dim
+
+    @property
+    def prior(self) -> np.ndarray:
+        """The weights of a user with no fit: the population prior on the simplex (PAL), or the deviation prior's
+        mean (hier: zero, i.e. the global reward)."""
+        if self.deviation is not None:
+            return self.deviation.prior_mean.copy()
+        return np.asarray(self.meta.prior_weights, dtype=np.float64)
+
     def seen_users(self) -> dict[str, np.ndarray]:
-        """User id -> simplex weights (K,) of the users the checkpoint was trained on."""
+        """User id -> weights of the users the checkpoint was trained on (simplex (K,), or hier deviation (R,))."""
         return {u: w.copy() for u, w in self._users.items()}
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> EncodedItems:
@@ -217,34 +242,54 @@ class Scorer:
                 for role in text.roles:
                     # Copy the row so a cached entry does not keep its whole batch array alive.
                     value = np.array(outputs[1][i] if role == "prompt" else outputs[0][i])
+                    dev = None
+                    if self._deviation_output is not None and role != "prompt":
+                        dev = np.array(outputs[self._deviation_output][i])
                     key = self._cache_key(text.digest, role)
-                    computed[key] = entry = _Entry(value, text.truncated, text.tokens)
+                    computed[key] = entry = _Entry(value, text.truncated, text.tokens, dev)
                     self._cache.put(key, entry)
         return [self._assemble(job, computed) for job in jobs]
 
     def _assemble(self, job: Prepared, computed: dict[_Key, _Entry]) -> EncodedItems:
         entries = [job.found.get(k) or computed[k] for k in job.keys]
         n = job.n_items
+        items = entries[n:] if self.meta.pal.form == "B" else entries  # the response (or pair) entries
+        deviation = None
+        if self.deviation is not None:
+            deviation = _stack([e.deviation for e in items], (0, self.deviation.rank))
+        latent = _stack([e.value for e in items], (0, self.meta.pal.latent_dim))
         if self.meta.pal.form == "B":
-            latent = _stack([e.value for e in entries[n:]], (0, self.meta.pal.latent_dim))
             protos = _stack([e.value for e in entries[:n]], (0, self.meta.pal.k, self.meta.pal.latent_dim))
-            pairs = list(zip(entries[:n], entries[n:], strict=True))
+            pairs = list(zip(entries[:n], items, strict=True))
             truncated = np.array([a.truncated or b.truncated for a, b in pairs], dtype=bool).reshape(n)
-            return EncodedItems(latent, protos, truncated, np.array([a.tokens + b.tokens for a, b in pairs], dtype=int))
-        latent = _stack([e.value for e in entries], (0, self.meta.pal.latent_dim))
+            tokens = np.array([a.tokens + b.tokens for a, b in pairs], dtype=int)
+            return EncodedItems(latent, protos, truncated, tokens, deviation)
         truncated = np.array([e.truncated for e in entries], dtype=bool).reshape(n)
-        return EncodedItems(latent, None, truncated, np.array([e.tokens for e in entries], dtype=int))
+        return EncodedItems(latent, None, truncated, np.array([e.tokens for e in entries], dtype=int), deviation)
 
     def rewards(self, enc: EncodedItems, weights: np.ndarray) -> np.ndarray:
-        """Reward of item i for the user mixture weights[i] (N, K); a single (K,) row applies to every item."""
+        """Reward of item i for the user weights[i] (N, K), or a hierarchical model's deviation weights (N, R); a
+        single row applies to every item."""
         w = np.asarray(weights, dtype=np.float64)
-        n, k = len(enc), self.meta.pal.k
+        n, k = len(enc), self.weights_dim
         if w.ndim == 1:
             w = np.broadcast_to(w, (n, k)) if w.shape == (k,) else w
         if w.shape != (n, k):
             raise ValueError(f"weights must have shape ({n}, {k}) or ({k},), got {np.shape(weights)}")
         if not np.isfinite(w).all():
             raise ValueError("weights hold NaN or inf")
+        if self.deviation is not None:
+            if enc.deviation is None:
+                raise ValueError("a hierarchical model scores items with their deviation features")
+            # g + w . V e(x): the global (K=1) reward plus the user's deviation; w = 0 (no comparisons) is g exactly.
+            return self.global_rewards(enc) + (enc.deviation * w).sum(-1)
+        return self._mixture_rewards(enc, w)
+
+    def global_rewards(self, enc: EncodedItems) -> np.ndarray:
+        """A hierarchical model's global reward g: its K=1 head's (the one prototype's) reward, (N,)."""
+        return self._mixture_rewards(enc, np.ones((len(enc), self.meta.pal.k)))
+
+    def _mixture_rewards(self, enc: EncodedItems, w: np.ndarray) -> np.ndarray:
         if self.meta.pal.form == "B":
             return reward_b(enc.latent, enc.prompt_prototypes, w, self.head.tau)
         # Many items share a user: compute each distinct ideal point once.
@@ -262,7 +307,8 @@ class Scorer:
         n = len(prompts)
         enc = self.encode(list(prompts) * 2, list(chosen) + list(rejected))
         protos = None if enc.prompt_prototypes is None else enc.prompt_prototypes[:n]
-        return ComparisonFeatures(chosen=enc.latent[:n], rejected=enc.latent[n:], prompt_prototypes=protos)
+        dev = None if enc.deviation is None else enc.deviation[:n] - enc.deviation[n:]
+        return ComparisonFeatures(enc.latent[:n], enc.latent[n:], protos, dev)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the encoder sees per text (special tokens included, after truncation to max_length)."""
@@ -339,6 +385,8 @@ class Scorer:
         except Exception as e:  # onnxruntime raises its own exception types
             raise BundleError(f"bundle graph failed on a probe batch: {e}") from e
         expected = [(2, cfg.latent_dim)] + ([(2, cfg.k, cfg.latent_dim)] if cfg.form == "B" else [])
+        if self.deviation is not None:
+            expected.append((2, self.deviation.rank))
         got = [o.shape for o in outputs]
         if got != expected:
             raise BundleError(f"bundle graph outputs shapes {got}, config implies {expected}")

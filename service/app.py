@@ -225,6 +225,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             model_version=engine.version,
             form=meta.pal.form,
             k=meta.pal.k,
+            deviation_rank=meta.deviation_rank,
             encoder=meta.encoder.model_dump(),
             provider=engine.scorer.provider,
             precision=engine.scorer.precision,

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from service import objectives
 from service.batcher import GATHER_BATCHES, Batcher
 from service.config import Settings
 from service.domain import Adapted, ScoreItem, ScoreResult, UserView
+from service.objectives import Objective
 from service.population import Population
 from service.scoring import Scoring
 from service.startup import Startup
@@ -39,7 +41,8 @@ class RewardEngine:
         self.settings = settings
         self.metrics = metrics
         self.version: str = scorer.meta.version
-        self.k: int = scorer.meta.pal.k
+        self.k: int = scorer.meta.pal.k  # prototypes (objective preference vectors have K entries)
+        self.weights_dim: int = scorer.weights_dim  # numbers in a user's weights: K, or a hier model's rank R
         self.batcher = Batcher(
             scorer,
             max_gather_tokens=scorer.max_batch_tokens * GATHER_BATCHES,
@@ -50,7 +53,7 @@ class RewardEngine:
         self.weights = UserWeights(store, self.version, settings, self._redis_error)
         self.users = Users(scorer, store, self.batcher, self.weights, settings, metrics, self._redis_error)
         self.population = Population(
-            store, self.version, self.k, settings.population_ttl_s, settings.population_max_users
+            store, self.version, self.weights_dim, settings.population_ttl_s, settings.population_max_users
         )
         self.scoring = Scoring(scorer, self.batcher, self.weights, self.population, self.users.prior)
         self.startup = Startup(self.users)
@@ -96,6 +99,11 @@ class RewardEngine:
         return stats
 
     # --- the API routes call
+    def validate_objective(self, objective: Objective) -> Objective:
+        """The objective checked against this model (its K; a hierarchical model mixes no prototypes); raises
+        objectives.ObjectiveError (422) saying what is wrong."""
+        return objectives.validate(objective, self.k, hier=self.scorer.deviation is not None)
+
     async def score(self, items: list[ScoreItem], with_prototypes: bool = False) -> tuple[list[ScoreResult], str]:
         return await self.scoring.score(items, with_prototypes), self.version
 

@@ -10,6 +10,13 @@
 - `maxmin`: MaxMin-RLHF's egalitarian reward: the mean reward of each group, then the worst group's. Groups are
   named sets of users, or k-means clusters of all stored users' weights (service.population).
 
+A hierarchical model (global reward + personal deviation, models/deviation.py) has one prototype, the global
+reward, and users' weights that are R unconstrained deviation weights: `mean` and `maxmin` average its users'
+rewards (the reward is linear in w: the reward at their mean weights; nobody stored: the global reward), k-means
+groups them on those weights, and linear / tchebycheff see a one-entry prototype vector (the global reward);
+`weights`, a mixture of prototypes, has no meaning there and is refused (ObjectiveError: a 422 in /score, an
+`objective_invalid` flag in the RLHF protocols).
+
 The math is models/aggregate.py; this module validates the objectives and finds the weights they need.
 """
 
@@ -39,6 +46,15 @@ class ObjectiveError(Invalid):
         self.reason = reason
 
 
+def refuse_for_hier(obj: Objective) -> None:
+    """A hierarchical model has no prototype mixture for a `weights` objective to weight: ObjectiveError."""
+    if obj.kind == "weights":
+        raise ObjectiveError(
+            "this model form (hier: the global reward plus a personal deviation) has no prototypes to mix; score "
+            "with a user_id, or the mean, maxmin, linear or tchebycheff objective"
+        )
+
+
 @dataclass(frozen=True)
 class Objective:
     """Hashable, so items that share an objective are computed together."""
@@ -57,10 +73,13 @@ class ObjectiveRewards:
     users: int  # how many users the reward is over (0 for preference vectors)
 
 
-def validate(obj: Objective, k: int) -> Objective:
-    """Check what can be checked without Redis; ObjectiveError says what is wrong."""
+def validate(obj: Objective, k: int, hier: bool = False) -> Objective:
+    """Check what can be checked without Redis (against K prototypes; `hier`: a hierarchical model, which has no
+    prototype mixture); ObjectiveError says what is wrong."""
     if obj.kind not in KINDS:
         raise ObjectiveError(f"objective kind must be one of {KINDS}, got {obj.kind!r}")
+    if hier:
+        refuse_for_hier(obj)
     try:
         if obj.kind in ("weights", "linear", "tchebycheff"):
             if obj.preference is None:
@@ -98,10 +117,13 @@ async def compute(
     prior: np.ndarray,
     population: Population,
     fits_for: FitsFor,
+    deviation: np.ndarray | None = None,
 ) -> ObjectiveRewards:
-    """Rewards of n items (their encoder outputs) under one objective. Users without stored weights count with the
-    population prior, as they are scored."""
+    """Rewards of n items (their encoder outputs; a hierarchical model's deviation features too) under one
+    objective. Users without stored weights count with the population prior, as they are scored."""
     n = len(latent)
+    if deviation is not None:
+        refuse_for_hier(obj)
     none: list[str | None] = [None] * n
     if obj.kind == "weights":
         assert obj.preference is not None
@@ -122,7 +144,9 @@ async def compute(
             if len(weights) == 0:
                 weights = prior[None, :]
         # O(items x users) numpy: on a worker thread, never on the event loop.
-        mean, count = await asyncio.to_thread(agg.mean_reward, head, latent, prototypes, agg.weight_blocks(weights))
+        mean, count = await asyncio.to_thread(
+            agg.mean_reward, head, latent, prototypes, agg.weight_blocks(weights), deviation
+        )
         return ObjectiveRewards(mean, none, count)
     # maxmin
     if obj.groups is not None:
@@ -136,7 +160,9 @@ async def compute(
         names = [f"cluster-{g}" for g in range(len(snap.centers))]
         if len(everyone) == 0:
             everyone, labels, names = prior[None, :], np.zeros(1, dtype=int), ["population"]
-    groups = await asyncio.to_thread(agg.group_means, head, latent, prototypes, everyone, labels, len(names))
+    groups = await asyncio.to_thread(
+        agg.group_means, head, latent, prototypes, everyone, labels, len(names), deviation
+    )
     worst, which = agg.maxmin_reward(groups)
     return ObjectiveRewards(worst, [names[g] for g in which], len(everyone))
 

@@ -16,7 +16,6 @@ from service.deps import get_engine, get_settings
 from service.domain import ScoreItem, StoreUnavailable, UnknownUser, UserView
 from service.engine import RewardEngine
 from service.errors import Conflict
-from service.objectives import validate as validate_objective
 from service.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
     USER_ID_MAX_CHARS,
@@ -113,7 +112,7 @@ async def score(body: ScoreRequest, request: Request, engine: EngineDep, setting
     for it in body.items:
         objective = it.objective.to_objective() if it.objective is not None else None if it.user_id else default
         if objective is not None:
-            validate_objective(objective, engine.k)
+            engine.validate_objective(objective)
         items.append(ScoreItem(it.prompt, it.response, it.user_id, objective))
     results, version = await until_disconnect(request, engine.score(items, body.return_prototypes))
     return ScoreResponse(
@@ -198,7 +197,7 @@ async def population(
     except RedisError as e:
         raise StoreUnavailable(str(e)) from e
     return PopulationView(
-        model_version=engine.version, k=engine.k, **snap.describe(),
+        model_version=engine.version, k=engine.weights_dim, **snap.describe(),
         weights=snap.weights[:sample].round(6).tolist() if sample else None,
         labels=snap.labels[:sample].tolist() if sample else None,
     )

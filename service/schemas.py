@@ -60,7 +60,9 @@ class ObjectiveIn(_Strict):
         "expected reward over `users` (default: every stored user); maxmin: the worst group's mean reward, over "
         "named `groups` (default: k-means clusters of every stored user's weights)"
     )
-    weights: list[float] | None = Field(default=None, description="K numbers on the simplex")
+    weights: list[float] | None = Field(
+        default=None, description="K numbers on the simplex (refused by a hierarchical model: no prototypes to mix)"
+    )
     ideal: list[float] | None = Field(
         default=None, description="tchebycheff's ideal point (default: the reward's upper bound)"
     )
@@ -126,7 +128,10 @@ class AdaptRequest(_Strict):
 class UserState(BaseModel):
     user_id: str
     model_version: str
-    weights: list[float] | None = Field(description="simplex weights over the K prototypes; null if not fitted")
+    weights: list[float] | None = Field(
+        description="simplex weights over the K prototypes, or a hierarchical model's R unconstrained deviation "
+        "weights (0: the global reward); null if not fitted"
+    )
     personalized: bool
     n_comparisons: int = Field(description="comparisons stored for this user")
     n_fitted: int = Field(description="comparisons the weights were fitted on (0 for checkpoint users)")
@@ -158,12 +163,12 @@ class GroupView(BaseModel):
 
 class PopulationView(BaseModel):
     model_version: str
-    k: int
+    k: int = Field(description="numbers in a user's weights: K prototypes, or a hierarchical model's rank R")
     users: int = Field(description="users with weights for this model version")
     sampled: bool = Field(description="true when the snapshot holds a uniform sample (PAL_POPULATION_MAX_USERS)")
     mean: list[float] | None
     std: list[float] | None
-    groups: list[GroupView] = Field(description="k-means clusters on the simplex (the maxmin objective's default)")
+    groups: list[GroupView] = Field(description="k-means clusters of users' weights (the maxmin objective's default)")
     taken_at: float
     weights: list[list[float]] | None = Field(default=None, description="the first `sample` users' weights")
     labels: list[int] | None = Field(default=None, description="their groups")
@@ -185,6 +190,11 @@ class Info(BaseModel):
     model_version: str
     form: str
     k: int
+    deviation_rank: int | None = Field(
+        default=None,
+        description="a hierarchical model's rank R (users' weights: R deviation weights added to the K=1 reward); "
+        "null for PAL",
+    )
     encoder: dict
     provider: str
     precision: str

@@ -48,8 +48,10 @@ class Scoring:
         for obj, rows in by_objective.items():  # items sharing an objective are computed together
             idx = np.asarray(rows)
             protos_of = None if enc.prompt_prototypes is None else enc.prompt_prototypes[idx]
+            dev_of = None if enc.deviation is None else enc.deviation[idx]
             out = await objectives.compute(
-                obj, self.scorer.head, enc.latent[idx], protos_of, self.prior, self.population, self.weights.get
+                obj, self.scorer.head, enc.latent[idx], protos_of, self.prior, self.population, self.weights.get,
+                dev_of,
             )
             rewards[idx] = out.rewards
             for j, group in zip(rows, out.group, strict=True):

@@ -2,7 +2,8 @@
 
 A refit reads the user's comparisons with their append counter and generation in one round trip, encodes what
 this process has not cached (through the same batcher as scoring, in chunks so one big adapt cannot hog the
-queue), fits the K logits with models.head.fit_user (the code `pal eval` measures) on a worker thread, and
+queue), fits the K logits with models.head.fit_user (a hierarchical model's R deviation weights with
+models.deviation.fit_hier; the code `pal eval` measures either way) on a worker thread, and
 writes the fit with a script that refuses it if a newer fit is stored or the user was deleted meanwhile.
 
 A user whose comparisons the served model version has not fitted (a new deploy, or a rollback) is refitted on
@@ -26,7 +27,8 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from models.cache import LRUCache
-from models.head import ComparisonFeatures, fit_user
+from models.deviation import fit_hier
+from models.head import ComparisonFeatures, FitResult, fit_user
 from service.batcher import Batcher, QueueFull
 from service.config import Settings
 from service.domain import Adapted, StoreUnavailable, UnknownUser, UserView, stale
@@ -48,8 +50,9 @@ _LEASE_POLL_S = 0.1  # how often a replica waiting for another one's refit looks
 # What refit_if_stale did: nothing to do, refitted (or found deleted meanwhile), or left to another replica's lease.
 FRESH, REFITTED, LEASED = "fresh", "refitted", "leased"
 
-# One encoded comparison: chosen latent, rejected latent, the prompt's prototype points (PAL-B; None for PAL-A).
-_FeatureRow = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+# One encoded comparison: chosen latent, rejected latent, the prompt's prototype points (PAL-B; None for PAL-A),
+# and V e(chosen) - V e(rejected) (a hierarchical model; None for PAL).
+_FeatureRow = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
 def comparison_key(c: Comparison) -> str:
@@ -69,7 +72,7 @@ class Users:
     def __post_init__(self) -> None:
         scorer, settings, weights = self.scorer, self.settings, self.weights
         self.version: str = scorer.meta.version
-        self.prior = np.asarray(scorer.meta.prior_weights, dtype=np.float64)
+        self.prior = scorer.prior
         # A deployment can override the strength chosen on validation users at training time.
         self.prior_strength: float = settings.prior_strength or scorer.meta.prior_strength or 1.0
         self.seen = scorer.seen_users()
@@ -297,7 +300,7 @@ class Users:
             seen = user in self.seen and not await self.store.is_forgotten(user)
             prior = self.seen[user] if seen else self.prior
             t0 = time.perf_counter()
-            result = await asyncio.to_thread(fit_user, self.scorer.head, feats, prior, self.prior_strength)
+            result = await asyncio.to_thread(self.fit, feats, prior)
             if self.metrics is not None:
                 self.metrics.fit_seconds.observe(time.perf_counter() - t0)
             fit: StoredFit | None = StoredFit(
@@ -320,6 +323,14 @@ class Users:
                 self.weights.remember(user, fit.array, mark)
             return fit
 
+    def fit(self, feats: ComparisonFeatures, prior: np.ndarray) -> FitResult:
+        """One user's fit from their encoded comparisons, centred on `prior` (the population's, or a seen user's
+        checkpoint weights): PAL's simplex weights, or a hierarchical model's deviation weights (prior precision
+        from empirical Bayes at training time; PAL_PRIOR_STRENGTH applies to PAL only)."""
+        if self.scorer.deviation is not None:
+            return fit_hier(self.scorer.head, self.scorer.deviation, feats, prior)
+        return fit_user(self.scorer.head, feats, prior, self.prior_strength)
+
     async def features_for(self, comparisons: list[Comparison]) -> ComparisonFeatures:
         """The comparisons through the encoder and the head's user-independent part, cached per comparison."""
         if len(comparisons) > 256:  # hashing a big user's texts (up to PAL_MAX_BYTES_PER_USER): off the event loop
@@ -337,10 +348,12 @@ class Users:
             m = len(idx)
             for j, i in enumerate(idx):
                 protos = None if enc.prompt_prototypes is None else enc.prompt_prototypes[j].copy()
+                dev = None if enc.deviation is None else enc.deviation[j] - enc.deviation[m + j]
                 # Copies, not views: a cached row must not keep its whole encoder batch alive.
-                rows[i] = (enc.latent[j].copy(), enc.latent[m + j].copy(), protos)
+                rows[i] = (enc.latent[j].copy(), enc.latent[m + j].copy(), protos, dev)
                 self._features.put(keys[i], rows[i])
         chosen = np.stack([r[0] for r in rows]).astype(np.float64)
         rejected = np.stack([r[1] for r in rows]).astype(np.float64)
         protos = None if rows[0][2] is None else np.stack([r[2] for r in rows]).astype(np.float64)
-        return ComparisonFeatures(chosen=chosen, rejected=rejected, prompt_prototypes=protos)
+        dev = None if rows[0][3] is None else np.stack([r[3] for r in rows]).astype(np.float64)
+        return ComparisonFeatures(chosen=chosen, rejected=rejected, prompt_prototypes=protos, deviation=dev)

@@ -207,10 +207,10 @@ def run_experiment(exp: Experiment, out_dir: Path, plan: EvalPlan) -> dict[str, 
         result, models[str(k)] = evaluate_model(exp, k, encs, out_dir, shots, prior_strength, progress, init)
         if k == 1:
             global_model = result.model
+    if exp.train.deviation_models and "1" in models:  # before the choice: a kept hier model is a candidate
+        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed))
     if "1" in models and len(models) > 1:
         models["served"] = choose_served(models, out_dir)
-    if exp.train.deviation_models and "1" in models:
-        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed))
     return {
         "experiment": exp.name,
         "data": exp.splits.describe(),
@@ -225,14 +225,20 @@ def deviation_models(
     k1_checkpoint: str | Path, encs: dict[str, EncodedComparisons], shots: Sequence[int], seed: int
 ) -> dict[str, dict[str, Any]]:
     """`hier` (global K=1 reward + low-rank deviation) and `lore` (the low-rank basis alone), fitted on the K=1
-    checkpoint as written, scored on the same users and pairs as every other model."""
-    from training.hierarchical import DeviationConfig, evaluate_deviation
+    checkpoint as written, scored on the same users and pairs as every other model. A hier model whose deviation
+    was kept is also written as a servable checkpoint beside the K=1 one (`hier/`, its report's `checkpoint`)."""
+    from training.hierarchical import DeviationConfig, evaluate_deviation, served_hier_checkpoint
 
     head = read_checkpoint(k1_checkpoint).head_params
+    cfg = DeviationConfig(seed=seed)
     out = {}
     for use_global in (True, False):
-        m = evaluate_deviation(head, encs, use_global, shots, DeviationConfig(seed=seed))
+        m = evaluate_deviation(head, encs, use_global, shots, cfg)
         out[m["form"]] = m
+    written = served_hier_checkpoint(k1_checkpoint, encs, out["hier"], Path(k1_checkpoint).parent / "hier", cfg)
+    if written is not None:
+        out["hier"]["checkpoint"] = str(written)
+        out["hier"]["version"] = read_meta(written).version
     return out
 
 
@@ -244,11 +250,14 @@ def choose_served(
     and after few-shot fitting (seen users refitted from 1/5/20 of their training pairs, scored on their
     validation pairs); else the global model. Ties go to K=1. The choice is copied to OUT/served and recorded in
     its config.json; the service serves it unchanged (a K=1 checkpoint adapts to nothing, by construction).
-    metas: the candidates' configs where their config.json is not written yet (a joint model's); else read."""
+    A hierarchical model written as a checkpoint (`hier` with a `checkpoint`: its deviation was kept, i.e. it
+    beat the global model on validation, and on held-out users where cross-validation ran) is served before any
+    K: it is the global model plus what each user's comparisons support, and the global model itself at zero
+    shots. metas: the candidates' configs where their config.json is not written yet (a joint model's); else read."""
     base = models["1"]
     chosen = "1"
     for key, m in models.items():
-        if key == "1":
+        if key == "1" or not key.isdigit():
             continue
         c = models[chosen]
         if (
@@ -258,14 +267,22 @@ def choose_served(
             > (c["seen_val_accuracy"], c["seen_val_fewshot_accuracy"])
         ):
             chosen = key
+    hier = models.get("hier", {})
+    if "checkpoint" in hier:
+        chosen = "hier"
     selection = {
-        "served_k": int(chosen),
-        "rule": "K > 1 only if above K=1 on seen val pairs, unadapted and few-shot; else K=1",
+        "served_k": 1 if chosen == "hier" else int(chosen),
+        "served_form": "hier" if chosen == "hier" else "pal",
+        "rule": "hier (K=1 + its deviation) where its deviation was kept (beat K=1 on seen val pairs; with "
+        "cv_folds, cv_gain > 0); else K > 1 only if above K=1 on seen val pairs, unadapted and few-shot; else K=1",
         "val": {
-            key: {"seen": m["seen_val_accuracy"], "fewshot": m["seen_val_fewshot_accuracy"]}
+            key: {"seen": m["seen_val_accuracy"], "fewshot": m.get("seen_val_fewshot_accuracy")}
             for key, m in models.items()
+            if key.isdigit() or key == "hier"
         },
     }
+    if hier:
+        selection["hier"] = {"best_epoch": hier["best_epoch"], "cv_gain": hier.get("cv_gain")}
     source = models[chosen]["checkpoint"]
     meta = (metas[chosen] if metas else read_meta(source)).model_copy(deep=True)
     meta.metrics["served_selection"] = selection

@@ -240,5 +240,60 @@ def add_to_run(run_dir: Path, preset: str, shots: Sequence[int] | None = None) -
     return write_report(runs, seeds, run_dir, top["title"])
 
 
+def write_hier_checkpoint(
+    k1_checkpoint: str | Path, model: DeviationModel, out_dir: str | Path, metrics: dict[str, Any] | None = None
+) -> Path:
+    """The served form of a `hier` model: a copy of its K=1 checkpoint (the global reward) plus its deviation
+    (basis, prior, and the weights of the checkpoint's seen users: the trained ones, the prior mean for a user the
+    deviation was not trained on), sealed under a version of its own; config.json written once, with `metrics`.
+    `pal export` turns it into a bundle whose /adapt fits with models.deviation.fit_deviation."""
+    import shutil
+
+    from models.checkpoint import CONFIG_FILE, add_deviation, read_checkpoint, write_config
+    from models.deviation import Deviation
+
+    src, out = Path(k1_checkpoint), Path(out_dir)
+    ckpt = read_checkpoint(src)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns(CONFIG_FILE))
+    weights = np.stack([model.user_weights.get(u, model.prior_mean) for u in ckpt.user_ids]).reshape(
+        len(ckpt.user_ids), len(model.prior_mean)
+    )
+    deviation = Deviation(model.basis, model.prior_mean, model.precision, weights)
+    meta = add_deviation(out, ckpt.meta, deviation)
+    meta.metrics.update(metrics or {})
+    write_config(out, meta)
+    return out
+
+
+
+def served_hier_checkpoint(
+    k1_checkpoint: str | Path,
+    encs: dict[str, EncodedComparisons],
+    measured: dict[str, Any],
+    out_dir: str | Path,
+    cfg: DeviationConfig = DeviationConfig(),
+) -> Path | None:
+    """Write the `hier` model that evaluate_deviation measured (`measured`, its report) as a servable checkpoint
+    in out_dir, if its deviation was kept: an epoch beat the global model on validation (best_epoch > 0) and,
+    where the user-level cross-validation ran, it carried to held-out users (cv_gain > 0). Else None: the global
+    model is what hier would serve, and K=1 is served as is. The deviation is trained again with the same config
+    and seed (deterministic on one thread), and checked to be the measured one."""
+    if measured["best_epoch"] <= 0 or (measured.get("cv_gain") is not None and measured["cv_gain"] <= 0):
+        return None
+    from models.checkpoint import read_checkpoint
+
+    head = read_checkpoint(k1_checkpoint).head_params
+    with limit_threads(1):
+        p = {s: Pairs.build(head, encs[s], True) for s in ("seen_train", "seen_val")}
+        model = train_deviation(p["seen_train"], p["seen_val"], True, cfg)
+    if (model.best_epoch, model.val_accuracy) != (measured["best_epoch"], measured["seen_val_accuracy"]):
+        got, want = model.best_epoch, measured["best_epoch"]
+        print(f"hier not written: training it again gave epoch {got}, not {want}", file=sys.stderr)
+        return None
+    return write_hier_checkpoint(k1_checkpoint, model, out_dir, measured)
+
+
 if __name__ == "__main__":
     add_to_run(Path(sys.argv[1]), sys.argv[sys.argv.index("--preset") + 1])

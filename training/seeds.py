@@ -43,12 +43,13 @@ def aggregate(runs: list[dict[str, Any]], shots: Sequence[int]) -> dict[str, Any
     paired difference to K=1 (same seed, same split), whose interval is narrower than the two apart."""
     per: dict[str, dict[str, dict[str, list[float]]]] = {}
     diffs: dict[str, dict[str, dict[str, list[float]]]] = {}
-    served_k: dict[str, list[int]] = {}
+    served_k: dict[str, list[int | str]] = {}  # the served K per seed, or "hier" where the hierarchical model is
     for run in runs:
         for exp in run["experiments"]:
             name, models = exp["experiment"], exp["models"]
             if "served" in models:
-                served_k.setdefault(name, []).append(models["served"]["served_selection"]["served_k"])
+                sel = models["served"]["served_selection"]
+                served_k.setdefault(name, []).append("hier" if sel.get("served_form") == "hier" else sel["served_k"])
             base = model_numbers(models["1"], shots) if "1" in models else None
             for key, m in models.items():
                 nums = model_numbers(m, shots)

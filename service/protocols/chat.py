@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from models.chat import ChatRenderer
-from service.objectives import validate as validate_objective
 from service.protocols import common
 from service.protocols.common import Pair, ServedDep
 from service.protocols.messages import MessageIn, as_dicts
@@ -119,7 +118,7 @@ async def score_chat(req: ChatScoreRequest, s: ServedDep) -> ChatScoreResponse:
     pairs = await common.off_loop(lambda: _pairs(s.renderer, req.items))
     for pair in pairs:
         if pair.objective is not None:
-            validate_objective(pair.objective, s.engine.k)  # a typed field: a bad one is a 422
+            s.engine.validate_objective(pair.objective)  # a typed field: a bad one is a 422
     scored = await common.score_pairs(s, pairs, "/score/chat", req.shaping, with_prototypes=req.return_prototypes)
     return ChatScoreResponse(
         model_version=scored.version,

@@ -31,7 +31,6 @@ from service.domain import ScoreItem, ScoreResult
 from service.engine import RewardEngine
 from service.errors import Invalid
 from service.objectives import Objective, ObjectiveError
-from service.objectives import validate as validate_objective
 from service.routes import until_disconnect
 from service.schemas import ObjectiveIn, valid_user_id
 from service.shaping import RewardShaper, Shaping
@@ -147,7 +146,7 @@ def target_from_label(pair: Pair, label: Any, engine: RewardEngine, mode: str = 
     try:
         objective = objective_from_label(label)
         if objective is not None:
-            pair.objective = validate_objective(objective, engine.k)
+            pair.objective = engine.validate_objective(objective)
             return
     except ObjectiveError:
         pair.flags.add(OBJECTIVE_INVALID)

@@ -63,3 +63,28 @@ def make_random_bundle(
     out = tmp_dir / f"bundle-{form}"
     export_bundle(ckpt, out, fp16=fp16)
     return out
+
+
+def make_hier_bundles(
+    tmp_dir: str | Path, rank: int = 2, n_users: int = 4, max_length: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
+    """A random K=1 PAL-B checkpoint exported twice: as is (the global model) and as a hierarchical model with a
+    random rank-R deviation basis (training.hierarchical.write_hier_checkpoint, as `pal eval` writes it). Returns
+    (the K=1 bundle, the hier bundle); their checkpoints sit beside them (checkpoint-B, checkpoint-hier)."""
+    import numpy as np
+
+    from models.export import export_bundle
+    from training.hierarchical import DeviationModel, write_hier_checkpoint
+
+    tmp_dir = Path(tmp_dir)
+    k1 = make_random_checkpoint(tmp_dir / "checkpoint-B", form="B", k=1, n_users=n_users, max_length=max_length)
+    rng = np.random.default_rng(seed)
+    users = {f"user-{i}": rng.normal(size=rank) for i in range(n_users)}
+    model = DeviationModel(
+        basis=rng.normal(size=(rank, 384)), user_weights=users, prior_mean=np.zeros(rank),
+        precision=np.linspace(1.0, 2.0, rank), best_epoch=5, val_accuracy=0.6,
+    )
+    hier = write_hier_checkpoint(k1, model, tmp_dir / "checkpoint-hier")
+    export_bundle(k1, tmp_dir / "bundle-k1")
+    export_bundle(hier, tmp_dir / "bundle-hier")
+    return tmp_dir / "bundle-k1", tmp_dir / "bundle-hier"
