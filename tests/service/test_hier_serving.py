@@ -201,9 +201,9 @@ async def test_objectives_on_a_hierarchical_model(tmp_path, bundles, hier_scorer
         np.testing.assert_allclose([x["reward"] for x in r.json()["results"]], hier_scorer.global_rewards(enc))
 
 
-def test_pal_bundle_is_unchanged(random_bundle_b, scorer_b) -> None:
+def test_pal_bundle_is_unchanged(bundle_b, scorer_b) -> None:
     """A bundle without a deviation (every bundle exported before) loads as PAL, under the version it had."""
-    meta = B.read_meta(random_bundle_b)
+    meta = B.read_meta(bundle_b)
     assert meta.deviation_rank is None and scorer_b.deviation is None and scorer_b.weights_dim == 3
     assert B.DEVIATION not in meta.output_names and DEVIATION_FILE not in meta.digests
     # The version hashes exactly the fields it hashed before a deviation existed.
