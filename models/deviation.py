@@ -13,7 +13,9 @@ The precision comes from empirical Bayes: the spread of the seen users' fitted w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,13 @@ def fit_deviation(
     return w
 
 
+
+def statement_key(prompt: str, item: str) -> str:
+    """The key of a statement (an item under its prompt) in a per-statement deviation table: 16 hex digits of the
+    sha256 of prompt and text, so a server can look a scored item up without storing the texts."""
+    return hashlib.sha256(f"{prompt}\x1f{item}".encode()).hexdigest()[:16]
+
+
 def posterior_confidence(
     global_margins: np.ndarray, basis_margins: np.ndarray, weights: np.ndarray, precision: np.ndarray
 ) -> float:
@@ -103,28 +112,71 @@ def posterior_confidence(
     return float(np.clip(1.0 - post_std / prior_std, 0.0, 1.0))
 
 
+_KEY_BYTES = 8  # statement_key's 16 hex digits
+
+
 @dataclass(frozen=True)
 class Deviation:
     """What a served hierarchical model adds to its K=1 head: the basis, the prior and the seen users' weights
-    (rows in the order of the checkpoint's user ids). Stored as DEVIATION_FILE beside the head."""
+    (rows in the order of the checkpoint's user ids), and optionally a per-statement table: statements known at
+    training time (their statement_key, as 8 bytes) with their own vectors c_x, so that b(p, x) = V e(x) + c_x (0 for
+    any other statement). Stored as DEVIATION_FILE beside the head."""
 
     basis: np.ndarray  # (R, d) float64
     prior_mean: np.ndarray  # (R,)
     precision: np.ndarray  # (R,) > 0
     user_weights: np.ndarray  # (n_users, R)
+    item_keys: np.ndarray = field(default_factory=lambda: np.zeros((0, _KEY_BYTES), dtype=np.uint8))  # (n_items, 8)
+    item_vectors: np.ndarray | None = None  # (n_items, R); None: no table
+
+    @classmethod
+    def with_items(
+        cls,
+        basis: np.ndarray,
+        prior_mean: np.ndarray,
+        precision: np.ndarray,
+        user_weights: np.ndarray,
+        items: dict[str, np.ndarray],
+    ) -> Deviation:
+        """A deviation whose per-statement table is `items` (statement_key -> c_x (R,)); an empty dict: none."""
+        keys = sorted(items)
+        if not keys:
+            return cls(basis, prior_mean, precision, user_weights)
+        raw = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
+        return cls(basis, prior_mean, precision, user_weights, raw.copy(), np.stack([items[k] for k in keys]))
 
     @property
     def rank(self) -> int:
         return int(self.basis.shape[0])
 
+    @cached_property
+    def _rows(self) -> dict[str, int]:
+        return {bytes(k).hex(): i for i, k in enumerate(self.item_keys)}
+
+    def item_offsets(self, prompts: list[str], items: list[str]) -> np.ndarray | None:
+        """c_x of each (prompt, item) (n, R): its row of the per-statement table, 0 where training did not know
+        the statement; None without a table."""
+        if self.item_vectors is None:
+            return None
+        out = np.zeros((len(items), self.rank))
+        for i, (p, x) in enumerate(zip(prompts, items, strict=True)):
+            row = self._rows.get(statement_key(p, x))
+            if row is not None:
+                out[i] = self.item_vectors[row]
+        return out
+
     def arrays(self) -> dict[str, np.ndarray]:
         """As written to DEVIATION_FILE (float32, as the graph computes)."""
-        return {
+        out = {
             "basis": self.basis.astype(np.float32),
             "prior_mean": self.prior_mean.astype(np.float32),
             "precision": self.precision.astype(np.float32),
             "user_weights": self.user_weights.astype(np.float32),
         }
+        if self.item_vectors is not None:
+            out["item_keys"] = self.item_keys.astype(np.uint8)
+            out["item_vectors"] = self.item_vectors.astype(np.float32)
+        return out
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / DEVIATION_FILE
@@ -143,6 +195,11 @@ class Deviation:
         except (SafetensorError, OSError, ValueError) as e:
             raise error(f"{path} is not a readable safetensors file: {e}") from e
         expected = {"basis": (rank, dim), "prior_mean": (rank,), "precision": (rank,), "user_weights": (n_users, rank)}
+        n_items = len(arrays["item_keys"]) if "item_keys" in arrays else None
+        if n_items is not None:
+            expected |= {"item_keys": (n_items, _KEY_BYTES), "item_vectors": (n_items, rank)}
+        elif "item_vectors" in arrays:
+            raise error(f"{path} has item_vectors but no item_keys")
         for name, shape in expected.items():
             if name not in arrays:
                 raise error(f"{path} lacks {name!r}")
@@ -155,7 +212,13 @@ class Deviation:
                 raise error(f"{path}: {name} holds NaN or inf")
         if (arrays["precision"] <= 0).any():
             raise error(f"{path}: precision must be positive")
-        return cls(*(arrays[n].astype(np.float64) for n in expected))
+        floats = [arrays[n].astype(np.float64) for n in ("basis", "prior_mean", "precision", "user_weights")]
+        if n_items is None:
+            return cls(*floats)
+        keys = arrays["item_keys"]
+        if keys.dtype != np.uint8 or len(np.unique(keys, axis=0)) != n_items:
+            raise error(f"{path}: item_keys must be distinct 8-byte statement keys (uint8)")
+        return cls(*floats, keys, arrays["item_vectors"].astype(np.float64))
 
 
 def fit_hier(

@@ -88,6 +88,8 @@ class Prepared:
     keys: list[_Key]
     found: dict[_Key, _Entry]
     pending: list[PendingText]
+    # a hierarchical model with a per-statement table: each item's c_x, added to its V e(x) (models.deviation)
+    item_offsets: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -223,7 +225,8 @@ class Scorer:
             PendingText(digest, frozenset(roles), list(e.ids), len(e.overflowing) > 0)
             for (digest, (_, roles)), e in zip(missing.items(), encodings, strict=True)
         ]
-        return Prepared(len(prompts), keys, found, pending)
+        offsets = None if self.deviation is None else self.deviation.item_offsets(list(prompts), list(responses))
+        return Prepared(len(prompts), keys, found, pending, offsets)
 
     def run(self, jobs: Sequence[Prepared]) -> list[EncodedItems]:
         """One encoder pass over every job's pending texts (a text several jobs need is encoded once), then each
@@ -257,6 +260,8 @@ class Scorer:
         deviation = None
         if self.deviation is not None:
             deviation = _stack([e.deviation for e in items], (0, self.deviation.rank))
+            if job.item_offsets is not None:
+                deviation = deviation + job.item_offsets
         latent = _stack([e.value for e in items], (0, self.meta.pal.latent_dim))
         if self.meta.pal.form == "B":
             protos = _stack([e.value for e in entries[:n]], (0, self.meta.pal.k, self.meta.pal.latent_dim))

@@ -250,3 +250,68 @@ def test_wrong_shape_basis_is_refused(bundles, tmp_path) -> None:
     (missing / DEVIATION_FILE).unlink()
     with pytest.raises(BundleError, match="has no deviation.safetensors"):
         Scorer.load(missing, provider="cpu", intra_op_threads=1)
+
+
+def _with_items(src: Path, dest: Path, items: dict[str, np.ndarray]) -> Path:
+    """The bundle at dest with src's deviation plus a per-statement table (statement_key -> c_x), resealed."""
+    from models.deviation import Deviation
+
+    arrays = load_file(str(src / DEVIATION_FILE))
+    dev = Deviation.with_items(*(arrays[n] for n in ("basis", "prior_mean", "precision", "user_weights")), items)
+    (dest / DEVIATION_FILE).unlink(missing_ok=True)
+    dev.save(dest)
+    B.seal(dest)
+    return dest
+
+
+@pytest.mark.anyio
+async def test_known_statements_add_their_own_vectors(bundles, hier_scorer, tmp_path) -> None:
+    """A per-statement table (training knew the statement: b(p, x) = V e(x) + c_x) is served: known statements
+    get their vector, any other text none; /adapt fits on the same b, so a user who follows the table is learned."""
+    from models.deviation import statement_key
+
+    rng = np.random.default_rng(3)
+    known = RESPONSES[:6]
+    items = {statement_key(PROMPT, x): 3.0 * rng.normal(size=2) for x in known}
+    table = Scorer.load(_with_items(bundles[1], copy_bundle(bundles[1], tmp_path / "items"), items), provider="cpu",
+                        intra_op_threads=1)  # fmt: skip
+    plain, withc = hier_scorer.encode([PROMPT] * 8, RESPONSES), table.encode([PROMPT] * 8, RESPONSES)
+    offsets = np.stack([items.get(statement_key(PROMPT, x), np.zeros(2)) for x in RESPONSES])
+    np.testing.assert_allclose(withc.deviation, plain.deviation + offsets, rtol=1e-6, atol=1e-6)
+    assert (offsets[6:] == 0).all()
+    # The key is the statement under its prompt: the same text under another prompt is not the known statement.
+    other = table.encode(["Another question?"], [RESPONSES[0]])
+    np.testing.assert_allclose(other.deviation, hier_scorer.encode(["Another question?"], [RESPONSES[0]]).deviation)
+    # Zero shots are still the global model; /adapt learns a user from the table's directions.
+    np.testing.assert_array_equal(table.rewards(withc, table.prior), hier_scorer.rewards(plain, hier_scorer.prior))
+    target = np.array([2.0, -2.0])
+    cmps, global_acc = _following_comparisons(table, target)
+    async with running_app(cpu_settings(bundles[1], tmp_path / "redis"), scorer=table) as c:
+        body = (await c.post("/users/bo/adapt", json={"comparisons": cmps})).json()
+        assert body["accuracy"] > global_acc + 0.1
+        feats = table.features(*([x[k] for x in cmps] for k in ("prompt", "chosen", "rejected")))
+        g = margins(table.head, feats, np.ones(1))
+        expected = fit_deviation(g, feats.deviation, table.deviation.prior_mean, table.deviation.precision)
+        np.testing.assert_allclose(body["weights"], expected, rtol=1e-9, atol=1e-12)
+        scored = (await c.post("/score", json={"items": [{"prompt": PROMPT, "response": x, "user_id": "bo"}
+                                                           for x in RESPONSES]})).json()  # fmt: skip
+        np.testing.assert_allclose([x["reward"] for x in scored["results"]], table.rewards(withc, expected), rtol=1e-9)
+
+
+def test_item_table_is_checked(bundles, tmp_path) -> None:
+    hier = bundles[1]
+    bad = copy_bundle(hier, tmp_path / "bad")
+    arrays = load_file(str(hier / DEVIATION_FILE))
+    arrays["item_keys"] = np.zeros((2, 8), dtype=np.uint8)  # two rows, one key
+    arrays["item_vectors"] = np.zeros((2, 2), dtype=np.float32)
+    (bad / DEVIATION_FILE).unlink()
+    save_file(arrays, str(bad / DEVIATION_FILE))
+    B.seal(bad)
+    with pytest.raises(BundleError, match="item_keys must be distinct"):
+        Scorer.load(bad, provider="cpu", intra_op_threads=1)
+    arrays["item_vectors"] = np.zeros((2, 3), dtype=np.float32)
+    (bad / DEVIATION_FILE).unlink()
+    save_file(arrays, str(bad / DEVIATION_FILE))
+    B.seal(bad)
+    with pytest.raises(BundleError, match=r"item_vectors has shape \(2, 3\), expected \(2, 2\)"):
+        Scorer.load(bad, provider="cpu", intra_op_threads=1)
