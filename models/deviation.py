@@ -13,6 +13,8 @@ The precision comes from empirical Bayes: the spread of the seen users' fitted w
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from models.head import sigmoid
@@ -74,3 +76,9 @@ def fit_deviation(
         if done:
             break
     return w
+
+
+def statement_key(prompt: str, item: str) -> str:
+    """The key of a statement (an item under its prompt) in a per-statement deviation table: 16 hex digits of the
+    sha256 of prompt and text, so a server can look a scored item up without storing the texts."""
+    return hashlib.sha256(f"{prompt}\x1f{item}".encode()).hexdigest()[:16]

@@ -210,7 +210,7 @@ def run_experiment(exp: Experiment, out_dir: Path, plan: EvalPlan) -> dict[str, 
     if "1" in models and len(models) > 1:
         models["served"] = choose_served(models, out_dir)
     if exp.train.deviation_models and "1" in models:
-        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed))
+        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed, exp.splits))
     return {
         "experiment": exp.name,
         "data": exp.splits.describe(),
@@ -222,16 +222,27 @@ def run_experiment(exp: Experiment, out_dir: Path, plan: EvalPlan) -> dict[str, 
 
 
 def deviation_models(
-    k1_checkpoint: str | Path, encs: dict[str, EncodedComparisons], shots: Sequence[int], seed: int
+    k1_checkpoint: str | Path,
+    encs: dict[str, EncodedComparisons],
+    shots: Sequence[int],
+    seed: int,
+    splits: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """`hier` (global K=1 reward + low-rank deviation) and `lore` (the low-rank basis alone), fitted on the K=1
-    checkpoint as written, scored on the same users and pairs as every other model."""
-    from training.hierarchical import DeviationConfig, evaluate_deviation
+    checkpoint as written, scored on the same users and pairs as every other model. With the splits' texts
+    (a PreferenceSplits) and validation statements that training knows (the Polis pair hold-out), hier adds
+    per-statement vectors and takes its rank and L2s from KNOWN_STATEMENT_GRID (training.hierarchical)."""
+    from training.hierarchical import DeviationConfig, evaluate_deviation, known_statement_grid, statement_keys
 
     head = read_checkpoint(k1_checkpoint).head_params
+    keys = None
+    if isinstance(splits, PreferenceSplits):
+        keys = {s: statement_keys(getattr(splits, s)) for s in encs}
     out = {}
     for use_global in (True, False):
-        m = evaluate_deviation(head, encs, use_global, shots, DeviationConfig(seed=seed))
+        cfg = DeviationConfig(seed=seed)
+        grid = known_statement_grid(cfg, keys) if use_global else []
+        m = evaluate_deviation(head, encs, use_global, shots, cfg, keys if grid else None, grid)
         out[m["form"]] = m
     return out
 
