@@ -258,18 +258,23 @@ def known_statement_grid(
     return [replace(cfg, rank=r, l2=l2, item_l2=il2) for r, l2, il2 in KNOWN_STATEMENT_GRID]
 
 
+def grid_key(cfg: DeviationConfig) -> str:
+    return f"rank {cfg.rank}, l2 {cfg.l2}, item_l2 {cfg.item_l2}, seed {cfg.seed}"
+
+
 def choose_deviation(
     train: Pairs, val: Pairs, use_global: bool, grid: Sequence[DeviationConfig], choose_on: str = "val"
 ) -> tuple[DeviationModel, DeviationConfig, dict[str, float]]:
     """Train every config of the grid; keep the one with the best score (the first on ties): "val", the seen
     users' validation accuracy, or "cv", the few-shot gain of seen users held out of the basis (cv_gain: what a
-    new user gets). Returns it, its config and every candidate's score ("rank/l2/item_l2" -> score)."""
+    new user gets). Returns it, its config and every candidate's score (grid_key -> score). A grid that varies only
+    the seed is restarts chosen on seen users."""
     best: tuple[float, DeviationModel, DeviationConfig] | None = None
     scores: dict[str, float] = {}
     for cfg in grid:
         model = train_deviation(train, val, use_global, cfg)
         score = model.val_accuracy if choose_on == "val" else cv_gain(train, val, cfg)
-        scores[f"{cfg.rank}/{cfg.l2}/{cfg.item_l2}"] = score
+        scores[grid_key(cfg)] = score
         if best is None or score > best[0]:
             best = (score, model, cfg)
     assert best is not None, "an empty grid"
@@ -303,8 +308,11 @@ def evaluate_deviation(
         else:
             model = train_deviation(p["seen_train"], p["seen_val"], use_global, cfg)
         gain = None
-        if use_global and cfg.cv_folds and model.best_epoch > 0:
-            gain = cv_gain(p["seen_train"], p["seen_val"], cfg)
+        if use_global and (cfg.cv_folds or (grid and choose_on == "cv")) and model.best_epoch > 0:
+            # chosen on cv: the winner's score is its cv gain already
+            gain = (
+                scores[grid_key(cfg)] if scores and choose_on == "cv" else cv_gain(p["seen_train"], p["seen_val"], cfg)
+            )
             if gain <= 0:  # the deviation does not carry to held-out users: serve the global model
                 dim = p["seen_train"].diff.shape[1]
                 model = global_only(cfg.rank, dim, sorted(model.user_weights), model.val_accuracy)

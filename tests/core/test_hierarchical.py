@@ -21,6 +21,7 @@ from training.hierarchical import (
     Pairs,
     choose_deviation,
     evaluate_deviation,
+    grid_key,
     known_statement_grid,
     known_statements,
     statement_keys,
@@ -240,7 +241,7 @@ def test_the_grid_keeps_the_config_seen_validation_prefers() -> None:
     p = {s: Pairs.build(head, e, True, keys[s]) for s, e in encs.items()}
     grid = [DeviationConfig(rank=1), DeviationConfig(rank=1, item_l2=1.0)]
     model, cfg, scores = choose_deviation(p["seen_train"], p["seen_val"], True, grid)
-    assert cfg.item_l2 == 1.0 and model.item_vectors and scores["1/10.0/1.0"] > scores["1/10.0/None"]
+    assert cfg.item_l2 == 1.0 and model.item_vectors and scores[grid_key(grid[1])] > scores[grid_key(grid[0])]
 
 
 @pytest.mark.parametrize("holdout", ["pairs", "statements"])
