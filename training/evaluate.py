@@ -229,20 +229,33 @@ def deviation_models(
     splits: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """`hier` (global K=1 reward + low-rank deviation) and `lore` (the low-rank basis alone), fitted on the K=1
-    checkpoint as written, scored on the same users and pairs as every other model. With the splits' texts
-    (a PreferenceSplits) and validation statements that training knows (the Polis pair hold-out), hier adds
-    per-statement vectors and takes its rank and L2s from KNOWN_STATEMENT_GRID (training.hierarchical)."""
-    from training.hierarchical import DeviationConfig, evaluate_deviation, known_statement_grid, statement_keys
+    checkpoint as written, scored on the same users and pairs as every other model. hier is chosen on seen users
+    only: with the splits' texts (a PreferenceSplits) and validation statements that training knows (the Polis
+    pair hold-out) it adds per-statement vectors with the rank and L2s of KNOWN_STATEMENT_GRID; otherwise it is
+    the best of RESTARTS restarts by user-level cross-validation, the global model where none helps held-out users
+    (training.hierarchical)."""
+    from training.hierarchical import (
+        DeviationConfig,
+        evaluate_deviation,
+        known_statement_grid,
+        restart_grid,
+        statement_keys,
+    )
 
     head = read_checkpoint(k1_checkpoint).head_params
     keys = None
     if isinstance(splits, PreferenceSplits):
         keys = {s: statement_keys(getattr(splits, s)) for s in encs}
+    cfg = DeviationConfig(seed=seed)
+    known = known_statement_grid(cfg, keys)
     out = {}
     for use_global in (True, False):
-        cfg = DeviationConfig(seed=seed)
-        grid = known_statement_grid(cfg, keys) if use_global else []
-        m = evaluate_deviation(head, encs, use_global, shots, cfg, keys if grid else None, grid)
+        if not use_global:  # LoRe, the baseline, as before
+            m = evaluate_deviation(head, encs, use_global, shots, cfg)
+        elif known:
+            m = evaluate_deviation(head, encs, use_global, shots, cfg, keys, known)
+        else:
+            m = evaluate_deviation(head, encs, use_global, shots, cfg, None, restart_grid(cfg), choose_on="cv")
         out[m["form"]] = m
     return out
 

@@ -248,6 +248,14 @@ def known_statements(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray
 KNOWN_STATEMENT_GRID: tuple[tuple[int, float, float | None], ...] = ((16, 1.0, 1.0),)
 
 
+RESTARTS = 4  # hier on new statements: restarts of the deviation training, the one kept chosen by cv_gain
+
+
+def restart_grid(cfg: DeviationConfig, n: int = RESTARTS) -> list[DeviationConfig]:
+    """n restarts of cfg (seeds cfg.seed + 1000 r; r = 0 is cfg itself)."""
+    return [replace(cfg, seed=cfg.seed + 1000 * r) for r in range(n)]
+
+
 def known_statement_grid(
     cfg: DeviationConfig, keys: dict[str, tuple[np.ndarray, np.ndarray]] | None
 ) -> list[DeviationConfig]:

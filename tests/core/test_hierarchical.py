@@ -24,6 +24,7 @@ from training.hierarchical import (
     grid_key,
     known_statement_grid,
     known_statements,
+    restart_grid,
     statement_keys,
     train_deviation,
 )
@@ -257,3 +258,24 @@ def test_per_statement_vectors_are_used_only_where_training_knows_the_held_out_s
         assert grid and all(c.item_l2 is not None and c.seed == 3 for c in grid)
     else:  # new statements in validation and test: hier as before, no per-statement vectors
         assert grid == []
+
+
+def test_restarts_chosen_by_cross_validation_keep_the_best_and_fall_back_to_the_global_model() -> None:
+    head, encs = two_groups()
+    grid = restart_grid(DeviationConfig(seed=7), 3)
+    assert [c.seed for c in grid] == [7, 1007, 2007]
+    p = {s: Pairs.build(head, e, True) for s, e in encs.items()}
+    _, cfg, scores = choose_deviation(p["seen_train"], p["seen_val"], True, grid, choose_on="cv")
+    assert len(scores) == 3 and scores[grid_key(cfg)] == max(scores.values()) > 0.05
+    out = evaluate_deviation(head, encs, True, shots=(20,), grid=grid, choose_on="cv")
+    assert out["cv_gain"] == max(scores.values())
+    assert out["unseen_fewshot"]["20"]["accuracy"] > out["unseen_zero_shot_accuracy"] + 0.1
+    rng = np.random.default_rng(5)  # coin-flip labels: no restart helps held-out users, so hier is the global model
+    noise = {}
+    for name, e in encs.items():
+        flip = rng.random(len(e)) < 0.5
+        c, r = np.where(flip, e.rejected_idx, e.chosen_idx), np.where(flip, e.chosen_idx, e.rejected_idx)
+        noise[name] = EncodedComparisons(e.users, e.prompt_vecs, e.item_vecs, e.prompt_idx, c, r)
+    out = evaluate_deviation(head, noise, True, shots=(5, 20), grid=grid, choose_on="cv")
+    assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
+    assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
