@@ -4,6 +4,8 @@ on data with two opposed groups the deviation beats the global model (LoRe, its 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -17,6 +19,7 @@ from training.data.schema import Comparison
 from training.encoded import EncodedComparisons
 from training.fewshot import zero_shot_accuracy
 from training.hierarchical import (
+    KNOWN_STATEMENT_GRID,
     DeviationConfig,
     Pairs,
     choose_deviation,
@@ -279,3 +282,23 @@ def test_restarts_chosen_by_cross_validation_keep_the_best_and_fall_back_to_the_
     out = evaluate_deviation(head, noise, True, shots=(5, 20), grid=grid, choose_on="cv")
     assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
     assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
+
+
+def test_pal_eval_on_known_statements_reports_hier_with_per_statement_vectors(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    write_conversation(tmp_path / "data", "dense", n_participants=60, n_statements=60, votes_per_participant=40)
+    monkeypatch.setenv("PAL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PAL_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "eval"
+    args = ["eval", "--preset", "polis-pairs", "--k", "2", "--seeds", "0", "--shots", "5", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    models = json.loads((out / "seed0" / "report.json").read_text())["experiments"][0]["models"]
+    hier = models["hier"]
+    assert hier["item_l2"] is not None and hier["k"] == KNOWN_STATEMENT_GRID[0][0]
+    assert hier["item_vectors"] > 0 and hier["best_epoch"] > 0  # two opposed groups: the deviation is kept
+    assert hier["seen_test_accuracy"] > models["1"]["seen_test_accuracy"] + 0.1
+    assert hier["unseen_zero_shot_accuracy"] == models["1"]["unseen_zero_shot_accuracy"]
