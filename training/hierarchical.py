@@ -11,6 +11,11 @@ the global model itself, so the deviation is kept only when an epoch beats it on
 empirical Bayes: the seen users' spread of fitted weights. Unseen users are fitted with
 models.deviation.fit_deviation (the one fitter) on their first n pool pairs.
 
+Where training knows the held-out statements (Polis `pairs`), hier's basis also has a free vector per statement,
+b(x) = V e(x) + c_x (collaborative filtering; c_x = 0 for a statement outside training, keyed by
+models.deviation.statement_key); on new statements hier is the best of RESTARTS restarts by user-level
+cross-validation (cv_gain). training.evaluate.deviation_models makes that choice from seen users' data only.
+
 `python -m training.hierarchical RUN_DIR --preset polis` adds both models to an existing `pal eval --seeds`
 run (its K=1 checkpoints, the same splits from the same seeds) and rewrites RUN_DIR/report.json.
 """
