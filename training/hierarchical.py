@@ -250,10 +250,10 @@ def known_statements(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray
 
 
 # hier's candidates (rank, L2 on basis and weights, L2 on per-statement vectors) where statements are known
-KNOWN_STATEMENT_GRID: tuple[tuple[int, float, float | None], ...] = ((16, 1.0, 1.0),)
+KNOWN_STATEMENT_GRID: tuple[tuple[int, float, float | None], ...] = ((16, 1.0, 0.3),)
 
 
-RESTARTS = 4  # hier on new statements: restarts of the deviation training, the one kept chosen by cv_gain
+RESTARTS = 8  # hier on new statements: restarts of the deviation training, the one kept chosen by cv_gain
 
 
 def restart_grid(cfg: DeviationConfig, n: int = RESTARTS) -> list[DeviationConfig]:
