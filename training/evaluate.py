@@ -208,7 +208,7 @@ def run_experiment(exp: Experiment, out_dir: Path, plan: EvalPlan) -> dict[str, 
         if k == 1:
             global_model = result.model
     if exp.train.deviation_models and "1" in models:  # before the choice: a kept hier model is a candidate
-        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed))
+        models.update(deviation_models(models["1"]["checkpoint"], encs, shots, exp.train.seed, exp.splits))
     if "1" in models and len(models) > 1:
         models["served"] = choose_served(models, out_dir)
     return {
@@ -222,20 +222,45 @@ def run_experiment(exp: Experiment, out_dir: Path, plan: EvalPlan) -> dict[str, 
 
 
 def deviation_models(
-    k1_checkpoint: str | Path, encs: dict[str, EncodedComparisons], shots: Sequence[int], seed: int
+    k1_checkpoint: str | Path,
+    encs: dict[str, EncodedComparisons],
+    shots: Sequence[int],
+    seed: int,
+    splits: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """`hier` (global K=1 reward + low-rank deviation) and `lore` (the low-rank basis alone), fitted on the K=1
-    checkpoint as written, scored on the same users and pairs as every other model. A hier model whose deviation
-    was kept is also written as a servable checkpoint beside the K=1 one (`hier/`, its report's `checkpoint`)."""
-    from training.hierarchical import DeviationConfig, evaluate_deviation, served_hier_checkpoint
+    checkpoint as written, scored on the same users and pairs as every other model. hier is chosen on seen users
+    only: with the splits' texts (a PreferenceSplits) and validation statements that training knows (the Polis
+    pair hold-out) it adds per-statement vectors with the rank and L2s of KNOWN_STATEMENT_GRID; otherwise it is
+    the best of RESTARTS restarts by user-level cross-validation, the global model where none helps held-out users
+    (training.hierarchical). A hier model whose deviation was kept is also written as a servable checkpoint
+    beside the K=1 one (`hier/`, its report's `checkpoint`)."""
+    from training.hierarchical import (
+        DeviationConfig,
+        known_statement_grid,
+        measure_deviation,
+        restart_grid,
+        served_hier_checkpoint,
+        statement_keys,
+    )
 
     head = read_checkpoint(k1_checkpoint).head_params
+    keys = None
+    if isinstance(splits, PreferenceSplits):
+        keys = {s: statement_keys(getattr(splits, s)) for s in encs}
     cfg = DeviationConfig(seed=seed)
-    out = {}
+    known = known_statement_grid(cfg, keys)
+    out, hier = {}, None
     for use_global in (True, False):
-        m = evaluate_deviation(head, encs, use_global, shots, cfg)
+        if not use_global:  # LoRe, the baseline, as before
+            m, _ = measure_deviation(head, encs, use_global, shots, cfg)
+        elif known:
+            m, hier = measure_deviation(head, encs, use_global, shots, cfg, keys, known)
+        else:
+            m, hier = measure_deviation(head, encs, use_global, shots, cfg, None, restart_grid(cfg), choose_on="cv")
         out[m["form"]] = m
-    written = served_hier_checkpoint(k1_checkpoint, encs, out["hier"], Path(k1_checkpoint).parent / "hier", cfg)
+    assert hier is not None
+    written = served_hier_checkpoint(k1_checkpoint, hier, out["hier"], Path(k1_checkpoint).parent / "hier")
     if written is not None:
         out["hier"]["checkpoint"] = str(written)
         out["hier"]["version"] = read_meta(written).version

@@ -4,16 +4,33 @@ on data with two opposed groups the deviation beats the global model (LoRe, its 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 
 from models.config import PALConfig
-from models.deviation import empirical_bayes_precision, fit_deviation
+from models.deviation import empirical_bayes_precision, fit_deviation, statement_key
 from models.head import HeadParams
+from tests.core.polis_fixture import write_conversation
+from training.data.polis import PolisParams, build_polis
+from training.data.schema import Comparison
 from training.encoded import EncodedComparisons
 from training.fewshot import zero_shot_accuracy
-from training.hierarchical import DeviationConfig, Pairs, evaluate_deviation, train_deviation
+from training.hierarchical import (
+    KNOWN_STATEMENT_GRID,
+    DeviationConfig,
+    Pairs,
+    choose_deviation,
+    evaluate_deviation,
+    grid_key,
+    known_statement_grid,
+    known_statements,
+    restart_grid,
+    statement_keys,
+    train_deviation,
+)
 from training.train import accuracy_of_margins
 
 D = 8
@@ -150,3 +167,138 @@ def test_user_level_cross_validation_keeps_a_deviation_only_where_it_carries_to_
     assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
     global_seen = accuracy_of_margins(Pairs.build(head, noise["seen_test"], True).global_margin)
     assert out["seen_test_accuracy"] == global_seen
+
+
+def statement_groups(seed: int = 0) -> tuple[HeadParams, dict[str, EncodedComparisons], dict]:
+    """Two groups of users that disagree on each statement by a planted sign that is independent of the
+    statement's embedding (random): how people like you voted on *this* statement. All splits share the 60
+    statements, as in the Polis pair hold-out; keys are the statements' ids."""
+    rng = np.random.default_rng(seed)
+    items = rng.normal(size=(60, D))
+    side = rng.choice([-1.0, 1.0], size=60)  # the planted per-statement split, not a function of the embedding
+    shared = np.eye(D)[0]
+
+    def split(users: list[str], n: int) -> tuple[EncodedComparisons, tuple[np.ndarray, np.ndarray]]:
+        names, c_idx, r_idx = [], [], []
+        for u in users:
+            sign = 1.0 if u.startswith("a") else -1.0
+            reward = 0.3 * items @ shared + 2.0 * sign * side
+            for _ in range(n):
+                i, j = rng.choice(len(items), 2, replace=False)
+                win = reward[i] > reward[j]
+                names.append(u)
+                c_idx.append(i if win else j)
+                r_idx.append(j if win else i)
+        c, r = np.asarray(c_idx), np.asarray(r_idx)
+        enc = EncodedComparisons(names, np.ones((1, 1)), items, np.zeros(len(names), np.int64), c, r)
+        return enc, (c.astype(str), r.astype(str))
+
+    seen = [f"{g}{i}" for g in "ab" for i in range(15)]
+    unseen = [f"{g}u{i}" for g in "ab" for i in range(6)]
+    sizes = {"seen_train": (seen, 40), "seen_val": (seen, 15), "seen_test": (seen, 15)}
+    sizes |= {"unseen_pool": (unseen, 20), "unseen_test": (unseen, 20)}
+    built = {name: split(*args) for name, args in sizes.items()}
+    return global_head(shared), {k: v[0] for k, v in built.items()}, {k: v[1] for k, v in built.items()}
+
+
+def test_per_statement_vectors_learn_a_statement_preference_the_embedding_basis_cannot() -> None:
+    head, encs, keys = statement_groups()
+    embed_only = evaluate_deviation(head, encs, True, shots=(0, 20), cfg=DeviationConfig(rank=1), keys=keys)
+    items = evaluate_deviation(head, encs, True, shots=(0, 20), cfg=DeviationConfig(rank=1, item_l2=1.0), keys=keys)
+    assert embed_only["item_vectors"] == 0 and items["item_vectors"] == 60
+    assert items["seen_test_accuracy"] > embed_only["seen_test_accuracy"] + 0.1
+    assert items["unseen_fewshot"]["20"]["accuracy"] > embed_only["unseen_fewshot"]["20"]["accuracy"] + 0.1
+    # zero shots are still the global model exactly, margin by margin
+    assert items["unseen_zero_shot_accuracy"] == zero_shot_accuracy(head, np.ones(1), encs["unseen_test"])
+    assert items["unseen_fewshot"]["0"]["accuracy"] == items["unseen_zero_shot_accuracy"]
+    p = {s: Pairs.build(head, e, True, keys[s]) for s, e in encs.items()}
+    model = train_deviation(p["seen_train"], p["seen_val"], True, DeviationConfig(rank=1, item_l2=1.0))
+    rows = np.arange(len(p["unseen_test"].users))
+    assert np.array_equal(model.user_margins(p["unseen_test"], rows, model.prior_mean), p["unseen_test"].global_margin)
+
+
+def test_a_statement_outside_training_has_no_per_statement_vector() -> None:
+    head, encs, keys = statement_groups(1)
+    p = {s: Pairs.build(head, e, True, keys[s]) for s, e in encs.items()}
+    model = train_deviation(p["seen_train"], p["seen_val"], True, DeviationConfig(rank=2, item_l2=1.0))
+    test = p["unseen_test"]
+    rows = np.arange(len(test.users))
+    renamed = Pairs(test.global_margin, test.diff, test.users, np.char.add("new", test.chosen_key), test.rejected_key)
+    with_c, embed_only = model.basis_margins(test, rows), test.diff @ model.basis.T
+    assert not np.allclose(with_c, embed_only)
+    got = model.basis_margins(renamed, rows)  # every chosen item unknown: only the rejected side's c_x is left
+    want = embed_only - np.stack([model.item_vectors[k] for k in test.rejected_key])
+    np.testing.assert_allclose(got, want)
+
+
+def test_statement_keys_identify_a_statement_under_its_prompt_across_splits() -> None:
+    a = [Comparison("u1", "topic", "yes", "no"), Comparison("u2", "topic", "no", "maybe")]
+    b = [Comparison("u3", "topic", "maybe", "yes"), Comparison("u4", "other topic", "yes", "no")]
+    (ca, ra), (cb, rb) = statement_keys(a), statement_keys(b)
+    assert ca[0] == rb[0] == statement_key("topic", "yes") and ra[0] == ca[1] and ra[1] == cb[0]
+    assert cb[1] != ca[0]  # the same text under another prompt is another statement
+    assert known_statements((ca, ra), (cb[:1], rb[:1])) and not known_statements((ca, ra), (cb[1:], rb[1:]))
+
+
+def test_the_grid_keeps_the_config_seen_validation_prefers() -> None:
+    head, encs, keys = statement_groups(2)
+    p = {s: Pairs.build(head, e, True, keys[s]) for s, e in encs.items()}
+    grid = [DeviationConfig(rank=1), DeviationConfig(rank=1, item_l2=1.0)]
+    model, cfg, scores = choose_deviation(p["seen_train"], p["seen_val"], True, grid)
+    assert cfg.item_l2 == 1.0 and model.item_vectors and scores[grid_key(grid[1])] > scores[grid_key(grid[0])]
+
+
+@pytest.mark.parametrize("holdout", ["pairs", "statements"])
+def test_per_statement_vectors_are_used_only_where_training_knows_the_held_out_statements(
+    tmp_path, monkeypatch, holdout: str
+) -> None:
+    write_conversation(tmp_path, "conv", n_participants=60, n_statements=60, votes_per_participant=40, seed=1)
+    monkeypatch.setenv("PAL_DATA_DIR", str(tmp_path))
+    splits = build_polis(PolisParams(conversation="conv", holdout=holdout))  # type: ignore[arg-type]
+    keys = {s: statement_keys(getattr(splits, s)) for s in ("seen_train", "seen_val")}
+    grid = known_statement_grid(DeviationConfig(seed=3), keys)
+    if holdout == "pairs":  # Polis' pair hold-out: every validation statement is a training statement
+        assert grid and all(c.item_l2 is not None and c.seed == 3 for c in grid)
+    else:  # new statements in validation and test: hier as before, no per-statement vectors
+        assert grid == []
+
+
+def test_restarts_chosen_by_cross_validation_keep_the_best_and_fall_back_to_the_global_model() -> None:
+    head, encs = two_groups()
+    grid = restart_grid(DeviationConfig(seed=7), 3)
+    assert [c.seed for c in grid] == [7, 1007, 2007]
+    p = {s: Pairs.build(head, e, True) for s, e in encs.items()}
+    _, cfg, scores = choose_deviation(p["seen_train"], p["seen_val"], True, grid, choose_on="cv")
+    assert len(scores) == 3 and scores[grid_key(cfg)] == max(scores.values()) > 0.05
+    out = evaluate_deviation(head, encs, True, shots=(20,), grid=grid, choose_on="cv")
+    assert out["cv_gain"] == max(scores.values())
+    assert out["unseen_fewshot"]["20"]["accuracy"] > out["unseen_zero_shot_accuracy"] + 0.1
+    rng = np.random.default_rng(5)  # coin-flip labels: no restart helps held-out users, so hier is the global model
+    noise = {}
+    for name, e in encs.items():
+        flip = rng.random(len(e)) < 0.5
+        c, r = np.where(flip, e.rejected_idx, e.chosen_idx), np.where(flip, e.chosen_idx, e.rejected_idx)
+        noise[name] = EncodedComparisons(e.users, e.prompt_vecs, e.item_vecs, e.prompt_idx, c, r)
+    out = evaluate_deviation(head, noise, True, shots=(5, 20), grid=grid, choose_on="cv")
+    assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
+    assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
+
+
+def test_pal_eval_on_known_statements_reports_hier_with_per_statement_vectors(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    write_conversation(tmp_path / "data", "dense", n_participants=60, n_statements=60, votes_per_participant=40)
+    monkeypatch.setenv("PAL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PAL_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "eval"
+    args = ["eval", "--preset", "polis-pairs", "--k", "2", "--seeds", "0", "--shots", "5", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    models = json.loads((out / "seed0" / "report.json").read_text())["experiments"][0]["models"]
+    hier = models["hier"]
+    assert hier["item_l2"] is not None and hier["k"] == KNOWN_STATEMENT_GRID[0][0]
+    assert hier["item_vectors"] > 0 and hier["best_epoch"] > 0  # two opposed groups: the deviation is kept
+    assert hier["seen_test_accuracy"] > models["1"]["seen_test_accuracy"] + 0.1
+    assert hier["unseen_zero_shot_accuracy"] == models["1"]["unseen_zero_shot_accuracy"]

@@ -72,17 +72,17 @@ def test_served_model_is_k_only_where_it_beats_k1_on_validation(
 def _hier_checkpoint(tmp_path: Path, best_epoch: int) -> tuple[str, dict]:
     """A kept (or not) hier model of a K=1 checkpoint on two opposed groups, as `pal eval` measures and writes it."""
     from tests.core.test_hierarchical import D, two_groups
-    from training.hierarchical import evaluate_deviation, served_hier_checkpoint
+    from training.hierarchical import measure_deviation, served_hier_checkpoint
 
     cfg = PALConfig(form="B", k=1, prompt_dim=1, item_dim=D, latent_dim=4, hidden_dim=8, n_hidden=1)
     save_checkpoint(tmp_path / "k1", PALModel(cfg, n_users=2), ["a0", "b0"], EncoderSpec())
     _, encs = two_groups()
     head = read_checkpoint(tmp_path / "k1").head_params
-    measured = evaluate_deviation(head, encs, use_global=True, shots=(5,))
+    measured, model = measure_deviation(head, encs, use_global=True, shots=(5,))
     assert measured["best_epoch"] > 0  # the groups disagree along a direction the global model cannot see
-    if best_epoch == 0:  # as evaluate_deviation reports a deviation it did not keep
+    if best_epoch == 0:  # as measure_deviation reports a deviation it did not keep
         measured = {**measured, "best_epoch": 0}
-    written = served_hier_checkpoint(tmp_path / "k1", encs, measured, tmp_path / "hier")
+    written = served_hier_checkpoint(tmp_path / "k1", model, measured, tmp_path / "hier")
     if written is not None:
         measured["checkpoint"] = str(written)
     return str(tmp_path / "k1"), measured
