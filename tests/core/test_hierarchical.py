@@ -302,3 +302,12 @@ def test_pal_eval_on_known_statements_reports_hier_with_per_statement_vectors(tm
     assert hier["item_vectors"] > 0 and hier["best_epoch"] > 0  # two opposed groups: the deviation is kept
     assert hier["seen_test_accuracy"] > models["1"]["seen_test_accuracy"] + 0.1
     assert hier["unseen_zero_shot_accuracy"] == models["1"]["unseen_zero_shot_accuracy"]
+    # What is served is that model, per-statement table included (the model measured, not one trained again).
+    from models.checkpoint import read_checkpoint
+
+    assert models["served"]["served_selection"]["served_form"] == "hier"
+    served = read_checkpoint(models["served"]["checkpoint"])
+    assert served.meta.deviation_rank == hier["k"] and served.deviation is not None
+    assert served.deviation.item_vectors is not None
+    assert served.deviation.item_vectors.shape == (hier["item_vectors"], hier["k"])
+    np.testing.assert_allclose(1 / np.sqrt(served.deviation.precision), hier["prior_sigma"], rtol=1e-5)
