@@ -300,22 +300,6 @@ def global_only(rank: int, dim: int, users: list[str], val_accuracy: float) -> D
     return DeviationModel(np.zeros((rank, dim)), dict.fromkeys(users, zero), zero, np.full(rank, 1e6), 0, val_accuracy)
 
 
-def evaluate_deviation(
-    head: HeadParams,
-    encs: dict[str, EncodedComparisons],
-    use_global: bool,
-    shots: Sequence[int] = SHOTS,
-    cfg: DeviationConfig = DeviationConfig(),
-    keys: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-    grid: Sequence[DeviationConfig] = (),
-    choose_on: str = "val",
-) -> dict[str, Any]:
-    """The numbers `pal eval` reports for a model (seen test accuracy, zero-shot and n-shot unseen accuracy).
-    keys: each split's statement keys (statement_keys), needed by per-statement vectors (cfg.item_l2).
-    grid: candidate configs instead of cfg alone, the one kept chosen on seen users (choose_deviation)."""
-    return measure_deviation(head, encs, use_global, shots, cfg, keys, grid, choose_on)[0]
-
-
 def measure_deviation(
     head: HeadParams,
     encs: dict[str, EncodedComparisons],
@@ -326,7 +310,10 @@ def measure_deviation(
     grid: Sequence[DeviationConfig] = (),
     choose_on: str = "val",
 ) -> tuple[dict[str, Any], DeviationModel]:
-    """evaluate_deviation's report and the model it measured (what served_hier_checkpoint writes)."""
+    """The numbers `pal eval` reports for a model (seen test accuracy, zero-shot and n-shot unseen accuracy), and
+    the model measured (what served_hier_checkpoint writes). keys: each split's statement keys (statement_keys),
+    needed by per-statement vectors (cfg.item_l2). grid: candidate configs instead of cfg alone, the one kept
+    chosen on seen users (choose_deviation)."""
     with limit_threads(1):
         p = {s: Pairs.build(head, e, use_global, keys[s] if keys else None) for s, e in encs.items()}
         scores = None

@@ -23,10 +23,10 @@ from training.hierarchical import (
     DeviationConfig,
     Pairs,
     choose_deviation,
-    evaluate_deviation,
     grid_key,
     known_statement_grid,
     known_statements,
+    measure_deviation,
     restart_grid,
     statement_keys,
     train_deviation,
@@ -89,7 +89,7 @@ def two_groups(seed: int = 0) -> tuple[HeadParams, dict[str, EncodedComparisons]
 
 def test_zero_shot_hierarchical_user_is_the_global_model_exactly() -> None:
     head, encs = two_groups()
-    out = evaluate_deviation(head, encs, use_global=True, shots=(0, 5, 20))
+    out = measure_deviation(head, encs, use_global=True, shots=(0, 5, 20))[0]
     assert out["unseen_zero_shot_accuracy"] == zero_shot_accuracy(head, np.ones(1), encs["unseen_test"])
     assert out["unseen_fewshot"]["0"]["accuracy"] == out["unseen_zero_shot_accuracy"]  # no pairs: the prior
     # and margin by margin: a user at the prior mean (w = 0) gets g(chosen) - g(rejected), bit for bit
@@ -102,12 +102,12 @@ def test_zero_shot_hierarchical_user_is_the_global_model_exactly() -> None:
 
 def test_deviation_beats_the_global_model_where_groups_disagree() -> None:
     head, encs = two_groups()
-    hier = evaluate_deviation(head, encs, use_global=True, shots=(5, 20))
+    hier = measure_deviation(head, encs, use_global=True, shots=(5, 20))[0]
     base = zero_shot_accuracy(head, np.ones(1), encs["seen_test"])
     assert hier["best_epoch"] > 0  # validation kept a deviation (epoch 0 is the global model)
     assert hier["seen_test_accuracy"] > base + 0.1
     assert hier["unseen_fewshot"]["20"]["accuracy"] > hier["unseen_zero_shot_accuracy"] + 0.1
-    lore = evaluate_deviation(head, encs, use_global=False, shots=(20,))
+    lore = measure_deviation(head, encs, use_global=False, shots=(20,))[0]
     assert lore["form"] == "lore" and lore["unseen_fewshot"]["20"]["accuracy"] > 0.6
 
 
@@ -151,7 +151,7 @@ def test_stronger_l2_keeps_the_deviation_smaller() -> None:
 def test_user_level_cross_validation_keeps_a_deviation_only_where_it_carries_to_held_out_users() -> None:
     head, encs = two_groups()
     cv = DeviationConfig(cv_folds=3)
-    kept = evaluate_deviation(head, encs, use_global=True, shots=(20,), cfg=cv)
+    kept = measure_deviation(head, encs, use_global=True, shots=(20,), cfg=cv)[0]
     assert kept["cv_gain"] > 0.05  # two real groups: held-out users gain from the deviation
     assert kept["unseen_fewshot"]["20"]["accuracy"] > kept["unseen_zero_shot_accuracy"] + 0.1
     # labels that are coin flips: whatever validation kept does not help held-out users, so the model is the
@@ -162,7 +162,7 @@ def test_user_level_cross_validation_keeps_a_deviation_only_where_it_carries_to_
         flip = rng.random(len(e)) < 0.5
         c, r = np.where(flip, e.rejected_idx, e.chosen_idx), np.where(flip, e.chosen_idx, e.rejected_idx)
         noise[name] = EncodedComparisons(e.users, e.prompt_vecs, e.item_vecs, e.prompt_idx, c, r)
-    out = evaluate_deviation(head, noise, use_global=True, shots=(5, 20), cfg=cv)
+    out = measure_deviation(head, noise, use_global=True, shots=(5, 20), cfg=cv)[0]
     assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
     assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
     global_seen = accuracy_of_margins(Pairs.build(head, noise["seen_test"], True).global_margin)
@@ -203,8 +203,8 @@ def statement_groups(seed: int = 0) -> tuple[HeadParams, dict[str, EncodedCompar
 
 def test_per_statement_vectors_learn_a_statement_preference_the_embedding_basis_cannot() -> None:
     head, encs, keys = statement_groups()
-    embed_only = evaluate_deviation(head, encs, True, shots=(0, 20), cfg=DeviationConfig(rank=1), keys=keys)
-    items = evaluate_deviation(head, encs, True, shots=(0, 20), cfg=DeviationConfig(rank=1, item_l2=1.0), keys=keys)
+    embed_only = measure_deviation(head, encs, True, shots=(0, 20), cfg=DeviationConfig(rank=1), keys=keys)[0]
+    items = measure_deviation(head, encs, True, shots=(0, 20), cfg=DeviationConfig(rank=1, item_l2=1.0), keys=keys)[0]
     assert embed_only["item_vectors"] == 0 and items["item_vectors"] == 60
     assert items["seen_test_accuracy"] > embed_only["seen_test_accuracy"] + 0.1
     assert items["unseen_fewshot"]["20"]["accuracy"] > embed_only["unseen_fewshot"]["20"]["accuracy"] + 0.1
@@ -270,7 +270,7 @@ def test_restarts_chosen_by_cross_validation_keep_the_best_and_fall_back_to_the_
     p = {s: Pairs.build(head, e, True) for s, e in encs.items()}
     _, cfg, scores = choose_deviation(p["seen_train"], p["seen_val"], True, grid, choose_on="cv")
     assert len(scores) == 3 and scores[grid_key(cfg)] == max(scores.values()) > 0.05
-    out = evaluate_deviation(head, encs, True, shots=(20,), grid=grid, choose_on="cv")
+    out = measure_deviation(head, encs, True, shots=(20,), grid=grid, choose_on="cv")[0]
     assert out["cv_gain"] == max(scores.values())
     assert out["unseen_fewshot"]["20"]["accuracy"] > out["unseen_zero_shot_accuracy"] + 0.1
     rng = np.random.default_rng(5)  # coin-flip labels: no restart helps held-out users, so hier is the global model
@@ -279,7 +279,7 @@ def test_restarts_chosen_by_cross_validation_keep_the_best_and_fall_back_to_the_
         flip = rng.random(len(e)) < 0.5
         c, r = np.where(flip, e.rejected_idx, e.chosen_idx), np.where(flip, e.chosen_idx, e.rejected_idx)
         noise[name] = EncodedComparisons(e.users, e.prompt_vecs, e.item_vecs, e.prompt_idx, c, r)
-    out = evaluate_deviation(head, noise, True, shots=(5, 20), grid=grid, choose_on="cv")
+    out = measure_deviation(head, noise, True, shots=(5, 20), grid=grid, choose_on="cv")[0]
     assert out["best_epoch"] == 0 or out["cv_gain"] <= 0
     assert out["unseen_fewshot"]["20"]["accuracy"] == out["unseen_zero_shot_accuracy"]
 
