@@ -275,10 +275,10 @@ def choose_served(
     and after few-shot fitting (seen users refitted from 1/5/20 of their training pairs, scored on their
     validation pairs); else the global model. Ties go to K=1. The choice is copied to OUT/served and recorded in
     its config.json; the service serves it unchanged (a K=1 checkpoint adapts to nothing, by construction).
-    A hierarchical model written as a checkpoint (`hier` with a `checkpoint`: its deviation was kept, i.e. it
-    beat the global model on validation, and on held-out users where cross-validation ran) is served before any
-    K: it is the global model plus what each user's comparisons support, and the global model itself at zero
-    shots. metas: the candidates' configs where their config.json is not written yet (a joint model's); else read."""
+    Where a hierarchical model was measured, it decides instead: hier written as a checkpoint (`hier` with a
+    `checkpoint`: its deviation was kept, i.e. it beat the global model on validation, and on held-out users where
+    cross-validation ran) is served, the global model plus what each user's comparisons support (the global model
+    itself at zero shots); else K=1. metas: the candidates' configs where their config.json is not written yet (a joint model's); else read."""
     base = models["1"]
     chosen = "1"
     for key, m in models.items():
@@ -293,13 +293,17 @@ def choose_served(
         ):
             chosen = key
     hier = models.get("hier", {})
-    if "checkpoint" in hier:
-        chosen = "hier"
+    if hier:
+        # hier decided with user-level cross-validation whether any deviation carries to held-out users; where
+        # none does, its answer is the global model, which the one small validation pool behind the K > 1 rule
+        # cannot overrule (on Polis that rule served K=3 below K=1 on new statements: docs/TRAINING.md).
+        chosen = "hier" if "checkpoint" in hier else "1"
     selection = {
         "served_k": 1 if chosen == "hier" else int(chosen),
         "served_form": "hier" if chosen == "hier" else "pal",
-        "rule": "hier (K=1 + its deviation) where its deviation was kept (beat K=1 on seen val pairs; with "
-        "cv_folds, cv_gain > 0); else K > 1 only if above K=1 on seen val pairs, unadapted and few-shot; else K=1",
+        "rule": "where hier was measured: hier (K=1 + its deviation) if its deviation was kept (beat K=1 on seen "
+        "val pairs; where cross-validated, cv_gain > 0), else K=1; otherwise K > 1 only if above K=1 on seen val "
+        "pairs, unadapted and few-shot, else K=1",
         "val": {
             key: {"seen": m["seen_val_accuracy"], "fewshot": m.get("seen_val_fewshot_accuracy")}
             for key, m in models.items()

@@ -111,9 +111,12 @@ def test_hier_whose_deviation_was_not_kept_is_not_written_nor_served(tmp_path: P
     k1, hier = _hier_checkpoint(tmp_path, best_epoch=0)
     assert "checkpoint" not in hier and not (tmp_path / "hier").exists()
     models = {"1": {"checkpoint": k1, "seen_val_accuracy": 0.6, "seen_val_fewshot_accuracy": 0.6}, "hier": hier}
-    served = choose_served(models, tmp_path)
+    # A K=3 the single validation pool prefers does not overrule hier's cross-validated answer (the global model).
+    k3 = {"checkpoint": _checkpoint(tmp_path / "k3", 3), "seen_val_accuracy": 0.9, "seen_val_fewshot_accuracy": 0.9}
+    served = choose_served({**models, "3": k3}, tmp_path)
     assert served["served_selection"]["served_form"] == "pal" and served["served_selection"]["served_k"] == 1
     assert read_checkpoint(tmp_path / "served").deviation is None
+    assert read_checkpoint(tmp_path / "served").meta.pal.k == 1
 
 
 def test_fit_hier_is_the_eval_fitter_and_its_confidence_grows_with_comparisons() -> None:
