@@ -278,7 +278,8 @@ def choose_served(
     Where a hierarchical model was measured, it decides instead: hier written as a checkpoint (`hier` with a
     `checkpoint`: its deviation was kept, i.e. it beat the global model on validation, and on held-out users where
     cross-validation ran) is served, the global model plus what each user's comparisons support (the global model
-    itself at zero shots); else K=1. metas: the candidates' configs where their config.json is not written yet (a joint model's); else read."""
+    itself at zero shots); else K=1. metas: the candidates' configs where their config.json is not written yet
+    (a joint model's); else read."""
     base = models["1"]
     chosen = "1"
     for key, m in models.items():
