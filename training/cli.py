@@ -14,6 +14,10 @@ from service.cli import serve
 if TYPE_CHECKING:
     from training.pipeline import RunOptions
 
+ENCODER_HELP = (
+    f"HF id or local path of the frozen encoder (default: the preset's, all-mpnet-base-v2 for polis*, else "
+    f"{DEFAULT_ENCODER}; {DEFAULT_ENCODER} for --data)"
+)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="pal-rm: pluralistic (PAL) reward models")
 
 
@@ -75,7 +79,7 @@ def train(
     out: Annotated[Path, typer.Option(help="checkpoint directory to write")] = Path("runs/checkpoint"),
     k: Annotated[int, typer.Option(help="number of prototypes K")] = 3,
     seed: Annotated[int, typer.Option(help="data and training seed")] = 0,
-    encoder: Annotated[str, typer.Option(help="HF id or local path of the frozen encoder")] = DEFAULT_ENCODER,
+    encoder: Annotated[str | None, typer.Option(help=ENCODER_HELP)] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -143,7 +147,7 @@ def evaluate(
     prior_strength: Annotated[
         float | None, typer.Option(help="few-shot prior strength (default: picked on seen users' val pairs)")
     ] = None,
-    encoder: Annotated[str, typer.Option(help="HF id or local path of the frozen encoder")] = DEFAULT_ENCODER,
+    encoder: Annotated[str | None, typer.Option(help=ENCODER_HELP)] = None,
     data: Annotated[
         Path | None, typer.Option(help="your preference file (.jsonl/.csv/.parquet); overrides --preset")
     ] = None,

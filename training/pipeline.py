@@ -62,11 +62,12 @@ def build_data(preset: str, out: Path, seed: int = 0) -> dict[str, Any]:
 @dataclass(frozen=True)
 class RunOptions:
     """What every `pal train` and `pal eval` run is given: the chosen K (evaluated beside the K=1 baseline), the
-    data and training seed, the frozen encoder, and for `pal eval` the shot counts and prior strength."""
+    data and training seed, the frozen encoder (None: the preset's, training.presets.preset_encoder; MiniLM for a
+    file), and for `pal eval` the shot counts and prior strength."""
 
     k: int = 3
     seed: int = 0
-    encoder: str = DEFAULT_ENCODER
+    encoder: str | None = None
     shots: tuple[int, ...] = SHOTS
     prior_strength: float | None = None
 
@@ -82,7 +83,7 @@ def train_one(preset: str, out: Path, run: RunOptions = RunOptions(), data: Path
         splits = PreferenceSplits.load(data)
         if splits.info.get("builder") == "simulated":
             raise ValueError("simulated JSONL holds item ids, not text: train it with --preset simulated")
-        emb = CachedEncoder(encoder_spec(encoder))  # last-token pooling for a decoder-only encoder
+        emb = CachedEncoder(encoder_spec(encoder or DEFAULT_ENCODER))  # last-token pooling for a decoder-only encoder
         exp = Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("file", seed))
     else:
         exp = experiments(preset, seed, k, encoder)[0]
@@ -183,7 +184,7 @@ def train_file(
 ) -> dict[str, Any]:
     """`pal train --data FILE`: split, train, save the checkpoint and its splits (in `<out>/splits`). With `stream`,
     through the on-disk cache instead (training.stream; the splits stay in the cache, as index arrays)."""
-    k, seed, encoder = run.k, run.seed, run.encoder
+    k, seed, encoder = run.k, run.seed, run.encoder or DEFAULT_ENCODER
     if stream:
         from training.stream import train_stream
 
@@ -206,7 +207,7 @@ def evaluate_file(
     path: Path, out: Path, run: RunOptions = RunOptions(), user_column: str = "user_id", pooling: str | None = None
 ) -> dict[str, Any]:
     """`pal eval --data FILE`: K=1 and K on the file's splits; report.json, fewshot.png and splits in `out`."""
-    exp = file_experiment(path, run.k, run.seed, run.encoder, user_column, pooling)
+    exp = file_experiment(path, run.k, run.seed, run.encoder or DEFAULT_ENCODER, user_column, pooling)
     print(dumps({"data": _describe_file_splits(exp.splits)}))
     report = run_preset([exp], out, run.plan(), title=path.name)
     return {

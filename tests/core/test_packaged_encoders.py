@@ -229,3 +229,20 @@ def test_resolve_encoder_path_goes_through_the_table_for_mpnet(
     with pytest.raises(PackagedEncoderError, match="expected eb8d12eec2a0"):
         resolve_encoder_path("sentence-transformers/all-mpnet-base-v2")
     assert {"all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"} <= {n for e in PACKAGED for n in e.names}
+
+
+def test_the_installed_mpnet_parts_resolve_to_a_working_encoder(tmp_path: Path) -> None:
+    """scripts/setup.sh installs the 5 real part packages (the Polis presets' encoder): they pass the sha256 pin,
+    extract to a sentence-transformers folder, and embed: 768-dim mean-pooled vectors that put like with like."""
+    from models.config import EncoderSpec
+    from models.encoder import resolve_encoder_path
+    from training.embed import CachedEncoder
+
+    folder = Path(resolve_encoder_path("all-mpnet-base-v2"))
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "mpnet"
+    vecs = CachedEncoder(EncoderSpec(name_or_path="all-mpnet-base-v2"), cache_dir=tmp_path).embed(
+        ["The city should spend more on public parks.", "Cut the sales tax.", "More money for parks in the city."]
+    )
+    assert vecs.shape == (3, 768)
+    sims = vecs @ vecs.T / np.outer(np.linalg.norm(vecs, axis=1), np.linalg.norm(vecs, axis=1))
+    assert sims[0, 2] > sims[0, 1] + 0.2  # parks ~ parks, not taxes

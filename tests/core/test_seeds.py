@@ -38,10 +38,9 @@ def test_eval_with_several_seeds_reports_intervals_per_conversation(
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [0, 1]
-    for s in (0, 1):  # every seed keeps its own full report
-        assert (
-            json.loads((out / f"seed{s}" / "report.json").read_text())["experiments"][0]["experiment"] == "polis/dense"
-        )
+    for s in (0, 1):  # every seed keeps its own full report, on the Polis presets' encoder unless told otherwise
+        run = json.loads((out / f"seed{s}" / "report.json").read_text())["experiments"][0]
+        assert run["experiment"] == "polis/dense" and run["encoder"]["name_or_path"] == "all-mpnet-base-v2"
     conv = report["conversations"]["polis/dense"]
     seen = conv["2"]["seen"]
     assert seen["n"] == 2 and seen["lo"] <= seen["mean"] <= seen["hi"]
@@ -66,3 +65,11 @@ def test_eval_with_several_seeds_reports_intervals_per_conversation(
     table = conversation_table(report, n=5)
     assert table.count("\n") == 2 and "| dense |" in table
     assert summary_table(report).splitlines()[2].startswith("| K=1 | ")
+
+
+def test_presets_read_their_own_encoder_unless_one_is_named() -> None:
+    from models.config import DEFAULT_ENCODER
+    from training.presets import preset_encoder
+
+    assert preset_encoder("polis") == preset_encoder("polis-pairs-joint") == "all-mpnet-base-v2"
+    assert preset_encoder("persona") == DEFAULT_ENCODER == "all-MiniLM-L6-v2"
