@@ -4,8 +4,9 @@
 
 e.g. a persona bundle on all-MiniLM-L6-v2 next to a Polis bundle on all-mpnet-base-v2 (the Polis presets'
 encoder). Each bundle scores bench_scorer's GRPO-like workload (P prompts x R responses, cold cache, every user at
-the bundle's prior), CPU provider, fp32; the bundles run in interleaved rounds so that load from other processes
-hits them alike, and the best round counts. Prints items/s, the ratio to the first bundle, and the ONNX graph size.
+the bundle's prior) on --provider at --precision (default cpu, fp32; `pal serve`'s own default is auto). The
+bundles run in interleaved rounds so that load from other processes hits them alike, and the best round counts.
+Prints items/s, the ratio to the first bundle, and the ONNX graph size.
 """
 
 from __future__ import annotations
@@ -31,17 +32,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--provider", default="cpu", help="cpu | openvino | openvino-runtime | cuda | auto")
+    ap.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from models.scorer import Scorer
 
     prompts, responses, _ = make_workload(args.prompts, args.responses, args.seed)
-    scorers = {str(b): Scorer.load(b, provider="cpu", intra_op_threads=args.threads) for b in args.bundles}
-    print(f"workload: {len(prompts)} items ({args.prompts} prompts x {args.responses}), {args.threads} threads")
+    scorers = {str(b): Scorer.load(b, args.provider, args.precision, args.threads) for b in args.bundles}
+    print(f"workload: {len(prompts)} items ({args.prompts} prompts x {args.responses}), {args.threads} threads, "
+          f"{args.provider}/{args.precision}")
     for name, s in scorers.items():
         s.warmup()
-        print(f"{name}: {s.meta.encoder.name_or_path}, {(Path(name) / 'model.onnx').stat().st_size / 1e6:.0f} MB")
+        size = (Path(name) / "model.onnx").stat().st_size / 1e6
+        print(f"{name}: {s.meta.encoder.name_or_path}, {size:.0f} MB graph, on {s.provider}")
 
     def cold(s: Scorer) -> np.ndarray:
         s.clear_cache()
