@@ -46,7 +46,7 @@ class EncodedItems:
     prompt_prototypes: np.ndarray | None  # (N, K, D) for PAL-B, None for PAL-A
     truncated: np.ndarray  # (N,) bool: prompt and/or response was cut to max_length
     tokens: np.ndarray  # (N,) int: tokens the encoder saw for the item (prompt + response, or the pair text)
-    deviation: np.ndarray | None = None  # (N, R) V e(x) of a hierarchical bundle, None for PAL
+    deviation: np.ndarray | None = None  # (N, R) V e(x) + c_x of a hierarchical bundle, None for PAL
 
     def __len__(self) -> int:
         return len(self.latent)

@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from models.config import PALConfig
 from models.deviation import empirical_bayes_precision, fit_deviation, statement_key
 from models.head import HeadParams
-from tests.core.polis_fixture import write_conversation
+from tests.core.polis_fixture import statements, write_conversation
 from training.data.polis import PolisParams, build_polis
 from training.data.schema import Comparison
 from training.encoded import EncodedComparisons
@@ -311,3 +311,24 @@ def test_pal_eval_on_known_statements_reports_hier_with_per_statement_vectors(tm
     assert served.deviation.item_vectors is not None
     assert served.deviation.item_vectors.shape == (hier["item_vectors"], hier["k"])
     np.testing.assert_allclose(1 / np.sqrt(served.deviation.precision), hier["prior_sigma"], rtol=1e-5)
+    # The Polis presets' encoder (all-mpnet-base-v2) exports and serves that model: the graph's V e(x) matches the
+    # torch encoder, a known statement gets its c_x, an unknown one none, and zero weights are the K=1 model.
+    from models.export import export_bundle
+    from models.scorer import Scorer
+    from training.data.polis import topic
+
+    assert served.meta.encoder.name_or_path == "all-mpnet-base-v2" and served.meta.pal.item_dim == 768
+    export_bundle(models["served"]["checkpoint"], tmp_path / "bundle")
+    scorer = Scorer.load(tmp_path / "bundle", provider="cpu", intra_op_threads=1)
+    assert max(scorer.meta.export_max_abs_diff.values()) < 1e-3
+    prompt, known = topic("dense"), statements(60)[0]
+    items = [known, "A statement nobody in this conversation voted on."]
+    enc = scorer.encode([prompt] * 2, items)
+    w = np.linspace(-1.0, 1.0, hier["k"])
+    offsets = served.deviation.item_offsets([prompt] * 2, items)
+    assert np.abs(offsets[0]).max() > 0 and not offsets[1].any()
+    # enc.deviation is V e(x) + c_x: the same statement under another prompt is not in the table, so only V e(x).
+    alone = scorer.encode(["another topic"], [known]).deviation[0]
+    np.testing.assert_allclose(enc.deviation[0], alone + offsets[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(scorer.rewards(enc, w), scorer.global_rewards(enc) + enc.deviation @ w)
+    np.testing.assert_array_equal(scorer.rewards(enc, np.zeros(hier["k"])), scorer.global_rewards(enc))
