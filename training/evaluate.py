@@ -227,6 +227,7 @@ def deviation_models(
     shots: Sequence[int],
     seed: int,
     splits: Any = None,
+    hier_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`hier` (global K=1 reward + low-rank deviation) and `lore` (the low-rank basis alone), fitted on the K=1
     checkpoint as written, scored on the same users and pairs as every other model. hier is chosen on seen users
@@ -234,7 +235,7 @@ def deviation_models(
     pair hold-out) it adds per-statement vectors with the rank and L2s of KNOWN_STATEMENT_GRID; otherwise it is
     the best of RESTARTS restarts by user-level cross-validation, the global model where none helps held-out users
     (training.hierarchical). A hier model whose deviation was kept is also written as a servable checkpoint
-    beside the K=1 one (`hier/`, its report's `checkpoint`)."""
+    beside the K=1 one (`hier/`, or `hier_dir`; its report's `checkpoint`)."""
     from training.hierarchical import (
         DeviationConfig,
         known_statement_grid,
@@ -260,7 +261,7 @@ def deviation_models(
             m, hier = measure_deviation(head, encs, use_global, shots, cfg, None, restart_grid(cfg), choose_on="cv")
         out[m["form"]] = m
     assert hier is not None
-    written = served_hier_checkpoint(k1_checkpoint, hier, out["hier"], Path(k1_checkpoint).parent / "hier")
+    written = served_hier_checkpoint(k1_checkpoint, hier, out["hier"], hier_dir or Path(k1_checkpoint).parent / "hier")
     if written is not None:
         out["hier"]["checkpoint"] = str(written)
         out["hier"]["version"] = read_meta(written).version
@@ -314,7 +315,7 @@ def choose_served(
     if hier:
         selection["hier"] = {"best_epoch": hier["best_epoch"], "cv_gain": hier.get("cv_gain")}
     source = models[chosen]["checkpoint"]
-    meta = (metas[chosen] if metas else read_meta(source)).model_copy(deep=True)
+    meta = (metas[chosen] if metas and chosen in metas else read_meta(source)).model_copy(deep=True)
     meta.metrics["served_selection"] = selection
     served_dir = out_dir / "served"
     if served_dir.exists():

@@ -13,7 +13,15 @@ from typing import Any
 from models.checkpoint import write_config
 from training.data.schema import PreferenceSplits
 from training.encoded import EncodedComparisons
-from training.evaluate import SPLIT_NAMES, EvalPlan, _evaluate_checkpoint, choose_served, encode_splits, train_model
+from training.evaluate import (
+    SPLIT_NAMES,
+    EvalPlan,
+    _evaluate_checkpoint,
+    choose_served,
+    deviation_models,
+    encode_splits,
+    train_model,
+)
 from training.presets import Experiment
 from training.threads import limit_threads
 
@@ -45,8 +53,11 @@ def run_joint(exps: list[Experiment], out_dir: Path, plan: EvalPlan, name: str =
         trained[k] = train_model(joint, k, encs, out_dir / f"k{k}", progress, init)
         if k == 1:
             global_model = trained[k][0].model
-    # The joint checkpoints' config.json is written once, below, when every data set's numbers are known.
+    # The joint checkpoints' config.json is written again below, when every data set's numbers are known; K=1's
+    # is written now, because each data set's hier model is fitted on it and copies it.
     metas = {str(k): ckpt.meta for k, (_, ckpt) in trained.items()}
+    if joint.train.deviation_models and 1 in trained:
+        write_config(out_dir / "k1", metas["1"])
     reports = []
     for exp in exps:
         users = set(exp.splits.seen_users) | set(exp.splits.unseen_users)
@@ -59,6 +70,11 @@ def run_joint(exps: list[Experiment], out_dir: Path, plan: EvalPlan, name: str =
                 )
         exp_dir = out_dir / exp.name.replace("/", "_")
         exp_dir.mkdir(parents=True, exist_ok=True)
+        if joint.train.deviation_models and "1" in models:
+            # Per data set, a personal deviation on top of the shared global model, chosen on that data set's seen
+            # users (the same code path as per-data-set runs), written as that data set's own hier checkpoint.
+            k1 = str(out_dir / "k1")
+            models.update(deviation_models(k1, sub, shots, exp.train.seed, exp.splits, exp_dir / "hier"))
         if "1" in models and len(models) > 1:  # per data set: the joint K or the joint K=1, on its validation data
             models["served"] = choose_served(models, exp_dir, metas)
         reports.append(

@@ -39,7 +39,24 @@ def test_joint_model_is_trained_once_and_scored_per_conversation(
         assert m["unseen_fewshot"]["1"]["n_users"] == len(splits.unseen_users)
         served = exp["models"]["served"]["served_selection"]["served_k"]
         assert read_checkpoint(out / exp["experiment"].replace("/", "_") / "served").meta.pal.k == served
-    # every checkpoint's config.json written once, the joint ones after every data set's numbers are known
+    # Per conversation, a personal deviation on top of the one shared global model, chosen on that conversation's
+    # seen users, written as that conversation's own hier checkpoint: the joint K=1 plus its deviation.
+    hier_dirs = []
+    for exp in report["experiments"]:
+        hier, served = exp["models"]["hier"], exp["models"]["served"]
+        assert hier["unseen_zero_shot_accuracy"] == exp["models"]["1"]["unseen_zero_shot_accuracy"]
+        assert "lore" in exp["models"]
+        form = served["served_selection"]["served_form"]
+        assert form == ("hier" if "checkpoint" in hier else "pal")
+        if "checkpoint" in hier:
+            hier_dirs.append(Path(hier["checkpoint"]))
+            assert hier_dirs[-1] == out / exp["experiment"].replace("/", "_") / "hier"
+            ckpt = read_checkpoint(hier_dirs[-1])
+            assert ckpt.deviation is not None and set(ckpt.user_ids) == set(joint.user_ids)
+            assert (hier_dirs[-1] / "model.safetensors").read_bytes() == (out / "k1" / "model.safetensors").read_bytes()
+    assert hier_dirs, "two opposed groups in each conversation: the deviation is kept somewhere"
+    # Each checkpoint's config.json is written once; the joint K=1's twice: before the deviations are fitted on it,
+    # and with every data set's numbers; the joint K's once, when those are known.
     served_dirs = [out / e["experiment"].replace("/", "_") / "served" for e in report["experiments"]]
-    assert config_writes == dict.fromkeys([out / "k1", out / "k2", *served_dirs], 1)
+    assert config_writes == {out / "k1": 2, **dict.fromkeys([out / "k2", *served_dirs, *hier_dirs], 1)}
     assert set(joint.meta.metrics["per_data_set"]) == {"polis/dense-a", "polis/dense-b"}
