@@ -29,8 +29,8 @@ SCHEDULES: dict[str, dict[str, object]] = {
     "file": {},  # a user's own preference file (pal train/eval --data)
 }
 # The frozen encoder of each preset unless --encoder names another. Polis reads all-mpnet-base-v2 (5 PyPI part
-# packages, installed by scripts/setup.sh): on new statements it lifts the global model by ~5 points over MiniLM,
-# the largest lift we measured on these small conversations (docs/TRAINING.md "mpnet + hier").
+# packages, installed by scripts/setup.sh): on new statements it lifts the global model by ~4 points over MiniLM,
+# the largest lift of the shared model we measured on these small conversations (docs/TRAINING.md).
 PRESET_ENCODERS: dict[str, str] = {"polis": "all-mpnet-base-v2", "polis-pairs": "all-mpnet-base-v2"}
 # The PAL-B head on a text encoder's embeddings (its input dims come from the encoder).
 TEXT_HEAD = {"form": "B", "latent_dim": 64, "hidden_dim": 256, "n_hidden": 1}
@@ -73,7 +73,9 @@ def persona(seed: int = 0, k: int = 3, encoder: str = DEFAULT_ENCODER, **params)
     return Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("persona", seed))
 
 
-def polis(conversation: str, seed: int = 0, k: int = 3, encoder: str = DEFAULT_ENCODER, **params) -> Experiment:
+def polis(
+    conversation: str, seed: int = 0, k: int = 3, encoder: str = PRESET_ENCODERS["polis"], **params
+) -> Experiment:
     splits = build_polis(PolisParams(conversation=conversation, seed=seed, **params))
     emb = hf_embedder(encoder)
     return Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("polis", seed))
