@@ -37,6 +37,14 @@ def empirical_bayes_precision(weights: np.ndarray, mean: np.ndarray) -> np.ndarr
     return 1.0 / (var + _MIN_VAR)
 
 
+def _loss_curvature(g: np.ndarray, b: np.ndarray, w: np.ndarray, prec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At weights w: p = sigmoid(-(g + B w)) (each pair's loss gradient is -p times its margin's) and the Hessian of
+    fit_deviation's objective, B' diag(p (1 - p)) B + diag(precision): the Newton step's and the Laplace
+    approximation's curvature."""
+    p = sigmoid(-(g + b @ w))
+    return p, (b.T * (p * (1 - p))) @ b + np.diag(prec)
+
+
 def fit_deviation(
     global_margins: np.ndarray,
     basis_margins: np.ndarray,
@@ -65,10 +73,8 @@ def fit_deviation(
 
     f = objective(w)
     for _ in range(max_iter):
-        m = g + b @ w
-        p = sigmoid(-m)  # d softplus(-m) / dm = -p
+        p, hess = _loss_curvature(g, b, w, prec)
         grad = -(b.T @ p) + prec * (w - mean)
-        hess = (b.T * (p * (1 - p))) @ b + np.diag(prec)
         step = np.linalg.solve(hess, grad)
         t = 1.0
         while t > 1e-6:  # backtracking: the objective is convex, a short enough Newton step always descends
@@ -86,7 +92,6 @@ def fit_deviation(
     return w
 
 
-
 def statement_key(prompt: str, item: str) -> str:
     """The key of a statement (an item under its prompt) in a per-statement deviation table: 16 hex digits of the
     sha256 of prompt and text, so a server can look a scored item up without storing the texts."""
@@ -102,8 +107,7 @@ def posterior_confidence(
     w = np.asarray(weights, dtype=np.float64)
     prec = np.asarray(precision, dtype=np.float64) * np.ones_like(w)
     b = np.asarray(basis_margins, dtype=np.float64).reshape(len(global_margins), len(w))
-    p = sigmoid(-(np.asarray(global_margins, dtype=np.float64) + b @ w))
-    hess = (b.T * (p * (1 - p))) @ b + np.diag(prec)
+    _, hess = _loss_curvature(np.asarray(global_margins, dtype=np.float64), b, w, prec)
     try:
         post_std = np.sqrt(np.clip(np.diag(np.linalg.inv(hess)), 0.0, None)).mean()
     except np.linalg.LinAlgError:

@@ -420,7 +420,6 @@ def write_hier_checkpoint(
     return out
 
 
-
 def served_hier_checkpoint(
     k1_checkpoint: str | Path, model: DeviationModel, measured: dict[str, Any], out_dir: str | Path
 ) -> Path | None:
