@@ -83,7 +83,7 @@ def train_one(preset: str, out: Path, run: RunOptions = RunOptions(), data: Path
         splits = PreferenceSplits.load(data)
         if splits.info.get("builder") == "simulated":
             raise ValueError("simulated JSONL holds item ids, not text: train it with --preset simulated")
-        emb = CachedEncoder(encoder_spec(encoder or DEFAULT_ENCODER))  # last-token pooling for a decoder-only encoder
+        emb = CachedEncoder(encoder_spec(encoder))  # last-token pooling for a decoder-only encoder
         exp = Experiment(splits.name, splits, emb, _text_pal(emb, k), schedule("file", seed))
     else:
         exp = experiments(preset, seed, k, encoder)[0]
@@ -122,11 +122,12 @@ def dumps(obj: Any) -> str:
 # --- a user's own preference file (training.data.userfile) ------------------------------------------------------
 
 
-def encoder_spec(encoder: str = DEFAULT_ENCODER, pooling: str | None = None) -> EncoderSpec:
-    """The EncoderSpec for an encoder: pooling as given, else what the architecture needs (last token for
-    decoder-only models, mean for encoders)."""
+def encoder_spec(encoder: str | None = None, pooling: str | None = None) -> EncoderSpec:
+    """The EncoderSpec for an encoder (None: DEFAULT_ENCODER, what a user's own data is embedded with): pooling as
+    given, else what the architecture needs (last token for decoder-only models, mean for encoders)."""
     from models.encoder import default_pooling
 
+    encoder = encoder or DEFAULT_ENCODER
     return EncoderSpec(name_or_path=encoder, pooling=pooling or default_pooling(encoder))
 
 
@@ -143,7 +144,7 @@ def file_experiment(
     path: Path,
     k: int = 3,
     seed: int = 0,
-    encoder: str = DEFAULT_ENCODER,
+    encoder: str | None = None,
     user_column: str = "user_id",
     pooling: str | None = None,
     split: Any = None,
@@ -184,7 +185,7 @@ def train_file(
 ) -> dict[str, Any]:
     """`pal train --data FILE`: split, train, save the checkpoint and its splits (in `<out>/splits`). With `stream`,
     through the on-disk cache instead (training.stream; the splits stay in the cache, as index arrays)."""
-    k, seed, encoder = run.k, run.seed, run.encoder or DEFAULT_ENCODER
+    k, seed, encoder = run.k, run.seed, run.encoder
     if stream:
         from training.stream import train_stream
 
@@ -207,7 +208,7 @@ def evaluate_file(
     path: Path, out: Path, run: RunOptions = RunOptions(), user_column: str = "user_id", pooling: str | None = None
 ) -> dict[str, Any]:
     """`pal eval --data FILE`: K=1 and K on the file's splits; report.json, fewshot.png and splits in `out`."""
-    exp = file_experiment(path, run.k, run.seed, run.encoder or DEFAULT_ENCODER, user_column, pooling)
+    exp = file_experiment(path, run.k, run.seed, run.encoder, user_column, pooling)
     print(dumps({"data": _describe_file_splits(exp.splits)}))
     report = run_preset([exp], out, run.plan(), title=path.name)
     return {
